@@ -1,0 +1,32 @@
+# make test  - create/refresh .venv, then run the test suite (what CI runs)
+# make demo  - create/refresh .venv, then run the ShapesWorld demo (FORCE=1 retrains the teacher)
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TEACHER := runs/demo/teacher/open_clip
+
+.PHONY: venv test demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+demo: venv
+	@if [ -f $(TEACHER)/open_clip_config.json ] && [ -z "$(FORCE)" ]; then \
+		echo "teacher cached in $(TEACHER); skipping pretraining (make demo FORCE=1 retrains it)"; \
+	else \
+		$(BIN)/distill fit --config configs/demo/teacher.yaml; \
+	fi
+	$(BIN)/distill test --config configs/demo/teacher_eval.yaml
+
+clean:
+	rm -rf runs lightning_logs

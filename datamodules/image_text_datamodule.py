@@ -1,0 +1,136 @@
+"""Image-text pairs from CSV files: the path for a user's own data."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning.pytorch as pl
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from distill.datamodules.common import ImageTextCollate, ModelIO
+
+DEFAULT_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}."]
+
+
+def read_pairs_csv(path: str | Path, root: Path, image_column: str, caption_column: str) -> list[dict[str, str]]:
+    """Read and check a CSV of image-text pairs; image paths resolve against ``root``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CSV file not found: {path}")
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    for column in (image_column, caption_column):
+        if column not in rows[0]:
+            raise KeyError(f"{path}: no column {column!r} (columns: {list(rows[0])})")
+    missing = [r[image_column] for r in rows if not (root / r[image_column]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path}: {len(missing)} image files not found under {root}, e.g. {missing[0]}")
+    return rows
+
+
+class CsvPairsDataset(Dataset):
+    """Rows of a pairs CSV as samples ``{image, caption, label, domain}``."""
+
+    def __init__(self, rows: list[dict[str, str]], root: Path, image_column: str, caption_column: str,
+                 label_of: dict[str, int], domain_of: dict[str, int], label_column: str,
+                 domain_column: str, transform=None) -> None:
+        self.rows, self.root, self.transform = rows, root, transform
+        self.image_column, self.caption_column = image_column, caption_column
+        self.label_of, self.domain_of = label_of, domain_of
+        self.label_column, self.domain_column = label_column, domain_column
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        with Image.open(self.root / row[self.image_column]) as img:
+            image = img.convert("RGB")
+        return {"image": self.transform(image) if self.transform else image,
+                "caption": row[self.caption_column],
+                "label": self.label_of.get(row.get(self.label_column, ""), -1),
+                "domain": self.domain_of.get(row.get(self.domain_column, ""), 0)}
+
+
+class ImageTextDataModule(pl.LightningDataModule):
+    """Image-text pairs listed in CSV files, with optional class and domain columns.
+
+    Each CSV has one row per pair: an image path (relative to ``root``), a caption, and
+    optionally a class name and a domain. ShapesWorld's ``write_image_folder`` writes exactly
+    this layout. Zero-shot evaluation uses the class names and ``templates``; domains listed in
+    ``ood_domains`` count as out-of-distribution, all others as in-distribution.
+
+    Args:
+        root: folder the image paths are relative to.
+        train_csv: training pairs.
+        val_csv: validation pairs.
+        test_csv: test pairs.
+        image_column: column with the image path.
+        caption_column: column with the caption.
+        class_column: column with the class name (enables zero-shot evaluation).
+        domain_column: column with the domain name.
+        ood_domains: domain names treated as out-of-distribution.
+        templates: zero-shot prompt templates with one ``{}``.
+        batch_size: batch size.
+        num_workers: data loader worker processes.
+    """
+
+    def __init__(self, root: str, train_csv: str | None = None, val_csv: str | None = None,
+                 test_csv: str | None = None, image_column: str = "filepath", caption_column: str = "caption",
+                 class_column: str = "classname", domain_column: str = "domain",
+                 ood_domains: list[str] | None = None, templates: list[str] | None = None,
+                 batch_size: int = 64, num_workers: int = 0) -> None:
+        super().__init__()
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data root folder not found: {self.root}")
+        self.csvs = {"train": train_csv, "val": val_csv, "test": test_csv}
+        if not any(self.csvs.values()):
+            raise ValueError("give at least one of train_csv, val_csv, test_csv")
+        self.columns = dict(image_column=image_column, caption_column=caption_column)
+        self.class_column, self.domain_column = class_column, domain_column
+        self.rows = {s: read_pairs_csv(p, self.root, **self.columns) for s, p in self.csvs.items() if p}
+        all_rows = [r for rows in self.rows.values() for r in rows]
+        self.classnames = sorted({r[class_column] for r in all_rows if r.get(class_column)})
+        self.domain_names = sorted({r.get(domain_column) or "default" for r in all_rows})
+        unknown = [d for d in ood_domains or [] if d not in self.domain_names]
+        if unknown:
+            raise ValueError(f"ood_domains {unknown} do not occur in the CSV files (domains: {self.domain_names})")
+        self.ood_domains = list(ood_domains or [])
+        self.id_domains = [d for d in self.domain_names if d not in self.ood_domains]
+        self.templates = list(templates or DEFAULT_TEMPLATES)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.io = ModelIO()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Take the transforms and tokenizer from the model being trained."""
+        if self.trainer is not None and self.trainer.lightning_module is not None:
+            self.io = ModelIO.from_model(self.trainer.lightning_module)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.rows:
+            raise ValueError(f"no {split}_csv was given to ImageTextDataModule")
+        label_of = {c: i for i, c in enumerate(self.classnames)}
+        domain_of = {d: i for i, d in enumerate(self.domain_names)}
+        transform = self.io.train_transform if split == "train" else self.io.eval_transform
+        dataset = CsvPairsDataset(self.rows[split], self.root, label_of=label_of, domain_of=domain_of,
+                                  label_column=self.class_column, domain_column=self.domain_column,
+                                  transform=transform, **self.columns)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=ImageTextCollate(self.io.tokenizer), drop_last=shuffle and len(dataset) > self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test" if "test" in self.rows else "val", shuffle=False)

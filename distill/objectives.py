@@ -1,0 +1,255 @@
+"""Contrastive training objectives for image-text embedding pairs.
+
+Each objective is an ``nn.Module`` whose ``forward`` takes the model's output
+dict (L2-normalised ``image_embeds``/``text_embeds`` of shape (N, D), an
+already-exponentiated scalar ``logit_scale`` and, depending on the loss,
+``logit_bias`` or ``target_similarity``) and returns the unweighted scalar
+loss. ``weighted_sum`` combines several objectives using their ``weight`` and
+returns per-objective values keyed by ``name`` for logging. Plain PyTorch,
+single process (no cross-device feature gathering).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Objective", "InfoNCE", "SigLIP", "DCL", "SoftTargetContrastive", "weighted_sum"]
+
+
+def _check_pair(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> None:
+    """Validate a batch of paired embeddings.
+
+    Args:
+        image_embeds: (N, D) image embeddings.
+        text_embeds: (N, D) text embeddings; row i is the positive for image i.
+
+    Raises:
+        ValueError: if either is not 2-D, the shapes differ, the batch is
+            empty, or either contains NaN/inf.
+    """
+    for key, t in (("image_embeds", image_embeds), ("text_embeds", text_embeds)):
+        if t.dim() != 2:
+            raise ValueError(f"{key} must be 2-D (N, D), got shape {tuple(t.shape)}")
+    if image_embeds.shape != text_embeds.shape:
+        raise ValueError(
+            f"image_embeds has shape {tuple(image_embeds.shape)} "
+            f"but text_embeds has {tuple(text_embeds.shape)}"
+        )
+    if image_embeds.shape[0] == 0:
+        raise ValueError("image_embeds and text_embeds are empty (N == 0)")
+    for key, t in (("image_embeds", image_embeds), ("text_embeds", text_embeds)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{key} contains non-finite values (NaN or inf)")
+
+
+class Objective(nn.Module):
+    """Base class: holds ``weight`` and ``name`` and builds similarity logits.
+
+    Args:
+        weight: Multiplier applied by ``weighted_sum``; ``forward`` is unweighted.
+        name: Log key for this term; defaults to the class's ``default_name``.
+    """
+
+    default_name: str = "objective"
+
+    def __init__(self, weight: float = 1.0, name: str | None = None) -> None:
+        super().__init__()
+        if not math.isfinite(weight):
+            raise ValueError(f"weight must be finite, got {weight}")
+        self.weight: float = float(weight)
+        self.name: str = name if name is not None else self.default_name
+
+    def _get(self, outputs: Mapping[str, torch.Tensor], key: str, hint: str = "") -> torch.Tensor:
+        if key not in outputs:
+            msg = f"{type(self).__name__} needs outputs['{key}']"
+            raise KeyError(f"{msg}; {hint}" if hint else f"{msg}; got keys {sorted(outputs)}")
+        return outputs[key]
+
+    def _logits(self, outputs: Mapping[str, torch.Tensor], max_logit_scale: float | None) -> torch.Tensor:
+        """Return (N, N) logits ``scale * image_embeds @ text_embeds.T``."""
+        img = self._get(outputs, "image_embeds")
+        txt = self._get(outputs, "text_embeds")
+        _check_pair(img, txt)
+        scale = torch.as_tensor(self._get(outputs, "logit_scale"), dtype=img.dtype, device=img.device)
+        if scale.numel() != 1:
+            raise ValueError(f"logit_scale must be a scalar, got shape {tuple(scale.shape)}")
+        scale = scale.reshape(())
+        if max_logit_scale is not None:
+            scale = torch.clamp(scale, max=max_logit_scale)  # zero gradient above the cap
+        return scale * img @ txt.T
+
+
+def _check_max_scale(max_logit_scale: float) -> float:
+    if not max_logit_scale > 0:
+        raise ValueError(f"max_logit_scale must be > 0, got {max_logit_scale}")
+    return float(max_logit_scale)
+
+
+class InfoNCE(Objective):
+    """Symmetric CLIP contrastive loss (InfoNCE) with in-batch negatives.
+
+    logits = min(logit_scale, max_logit_scale) * image_embeds @ text_embeds.T,
+    shape (N, N), positives on the diagonal; the loss is the mean of the
+    image->text and text->image cross entropies.
+
+    Args:
+        weight: Multiplier applied by ``weighted_sum``.
+        max_logit_scale: Cap on the exponentiated logit scale (CLIP uses 100).
+        name: Log key; defaults to "infonce".
+    """
+
+    default_name = "infonce"
+
+    def __init__(self, weight: float = 1.0, max_logit_scale: float = 100.0, name: str | None = None) -> None:
+        super().__init__(weight=weight, name=name)
+        self.max_logit_scale = _check_max_scale(max_logit_scale)
+
+    def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self._logits(outputs, self.max_logit_scale)
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+class SigLIP(Objective):
+    """Pairwise sigmoid loss (SigLIP).
+
+    logits = logit_scale * image_embeds @ text_embeds.T + logit_bias, shape
+    (N, N); labels are +1 on the diagonal and -1 elsewhere; the loss is
+    -sum(logsigmoid(labels * logits)) / N. The scale is not clamped.
+
+    Args:
+        weight: Multiplier applied by ``weighted_sum``.
+        name: Log key; defaults to "siglip".
+    """
+
+    default_name = "siglip"
+
+    def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        bias = self._get(
+            outputs, "logit_bias", hint="build the model with init_logit_bias, e.g. -10"
+        )
+        logits = self._logits(outputs, None)
+        logits = logits + torch.as_tensor(bias, dtype=logits.dtype, device=logits.device).reshape(())
+        n = logits.shape[0]
+        labels = 2 * torch.eye(n, dtype=logits.dtype, device=logits.device) - 1
+        return -F.logsigmoid(labels * logits).sum() / n
+
+
+class DCL(Objective):
+    """Decoupled contrastive loss: InfoNCE with the positive left out of the denominator.
+
+    For logits L of shape (N, N) (scale clamped as in InfoNCE), row i gives
+    -L[i, i] + logsumexp_{j != i} L[i, j]; the loss averages this over rows of
+    L (image->text) and of L.T (text->image). Needs N >= 2.
+
+    Args:
+        weight: Multiplier applied by ``weighted_sum``.
+        max_logit_scale: Cap on the exponentiated logit scale.
+        name: Log key; defaults to "dcl".
+    """
+
+    default_name = "dcl"
+
+    def __init__(self, weight: float = 1.0, max_logit_scale: float = 100.0, name: str | None = None) -> None:
+        super().__init__(weight=weight, name=name)
+        self.max_logit_scale = _check_max_scale(max_logit_scale)
+
+    def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self._logits(outputs, self.max_logit_scale)
+        n = logits.shape[0]
+        if n < 2:
+            raise ValueError(f"DCL needs at least 2 pairs per batch (negatives), got N={n}")
+        eye = torch.eye(n, dtype=torch.bool, device=logits.device)
+        pos = logits.diagonal()
+
+        def one_way(lg: torch.Tensor) -> torch.Tensor:
+            return (lg.masked_fill(eye, float("-inf")).logsumexp(dim=1) - pos).mean()
+
+        return (one_way(logits) + one_way(logits.T)) / 2
+
+
+class SoftTargetContrastive(Objective):
+    """Contrastive loss with soft targets from a similarity matrix (CWCL-style).
+
+    With S = outputs["target_similarity"] of shape (N, N) (detached) and
+    logits L as in InfoNCE, the targets are P = softmax(S / target_temperature)
+    row-wise for image->text and softmax(S.T / target_temperature) row-wise for
+    text->image. Each direction's loss is -sum_j P[i, j] * log_softmax(L)[i, j]
+    averaged over rows; the loss is the mean of the two directions.
+
+    Args:
+        weight: Multiplier applied by ``weighted_sum``.
+        target_temperature: Temperature that sharpens S into targets (> 0).
+        max_logit_scale: Cap on the exponentiated logit scale.
+        name: Log key; defaults to "soft_target".
+    """
+
+    default_name = "soft_target"
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        target_temperature: float = 0.07,
+        max_logit_scale: float = 100.0,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(weight=weight, name=name)
+        if not target_temperature > 0:
+            raise ValueError(f"target_temperature must be > 0, got {target_temperature}")
+        self.target_temperature = float(target_temperature)
+        self.max_logit_scale = _check_max_scale(max_logit_scale)
+
+    def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self._logits(outputs, self.max_logit_scale)
+        sim = self._get(outputs, "target_similarity").detach()
+        if sim.shape != logits.shape:
+            raise ValueError(
+                f"target_similarity has shape {tuple(sim.shape)} but the batch needs {tuple(logits.shape)}"
+            )
+        sim = sim.to(dtype=logits.dtype) / self.target_temperature
+
+        def one_way(lg: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            return -(s.softmax(dim=1) * lg.log_softmax(dim=1)).sum(dim=1).mean()
+
+        return (one_way(logits, sim) + one_way(logits.T, sim.T)) / 2
+
+
+def weighted_sum(
+    objectives: Sequence[nn.Module], outputs: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Evaluate objectives and combine them as sum(weight * loss).
+
+    Args:
+        objectives: Modules with ``weight``, ``name`` and ``forward(outputs)``.
+        outputs: Model output dict passed to every objective.
+
+    Returns:
+        (total, terms): the weighted scalar total (differentiable) and
+        {name: unweighted loss, detached} for logging.
+
+    Raises:
+        ValueError: if ``objectives`` is empty or two share a name.
+        FloatingPointError: if a term is NaN or inf, naming the objective.
+    """
+    if len(objectives) == 0:
+        raise ValueError("weighted_sum needs at least one objective")
+    total: torch.Tensor | None = None
+    terms: dict[str, torch.Tensor] = {}
+    for obj in objectives:
+        name = obj.name
+        if name in terms:
+            raise ValueError(f"two objectives share the name '{name}'; pass name=... to tell them apart")
+        loss = obj(outputs)
+        if not bool(torch.isfinite(loss).all()):
+            kind = "nan" if bool(torch.isnan(loss).any()) else "inf"
+            raise FloatingPointError(f"loss term '{name}' is {kind}")
+        terms[name] = loss.detach()
+        term = obj.weight * loss
+        total = term if total is None else total + term
+    assert total is not None
+    return total, terms

@@ -1,0 +1,103 @@
+"""Zero-shot classification: class names + templates (+ descriptors) -> class embedding bank.
+
+The bank is what a CLIP-like model uses as a classifier: one L2-normalised text embedding per
+class, the mean over prompt templates (open_clip's ``build_zero_shot_classifier``), optionally
+enriched with per-class descriptors ("a heart, which has two rounded lobes"). This file also
+holds the plain-tensor metric helpers the evaluation callback uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import open_clip
+import torch
+
+
+def load_descriptors(path: str | os.PathLike, classnames: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """Read a descriptor JSON file: ``{"classname": ["descriptor", ...], ...}``.
+
+    Args:
+        path: JSON file.
+        classnames: when given, every class must have at least one descriptor.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"descriptor file not found: {path}")
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or not all(
+        isinstance(v, list) and all(isinstance(s, str) for s in v) for v in data.values()
+    ):
+        raise ValueError(f"{path}: descriptors must be a JSON object mapping class name -> list of strings")
+    if classnames is not None:
+        missing = [c for c in classnames if not data.get(c)]
+        if missing:
+            raise KeyError(f"{path}: no descriptors for classes {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    return data
+
+
+@torch.no_grad()
+def build_class_bank(
+    model: torch.nn.Module,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    descriptors: Mapping[str, Sequence[str]] | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Build the zero-shot classifier of a model: one embedding per class.
+
+    Args:
+        model: anything with ``encode_text(tokens, normalize=True) -> (M, D)``.
+        tokenizer: ``list[str] -> (M, L)`` token ids.
+        classnames: C class names, in label order.
+        templates: prompt templates with one ``{}`` for the class name.
+        descriptors: optional per-class descriptor lists; each adds the prompt
+            ``"<template(class)>, which <descriptor>"`` to that class's average.
+        device: device for the token tensors.
+
+    Returns:
+        (C, D) L2-normalised class embeddings.
+    """
+    if not classnames:
+        raise ValueError("class bank needs at least one class name")
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError("every zero-shot template needs one '{}' placeholder for the class name")
+    if descriptors is None:
+        bank = open_clip.build_zero_shot_classifier(
+            model, tokenizer, list(classnames), list(templates), num_classes_per_batch=32, device=device)
+        return bank.T.contiguous()
+    rows = []
+    for name in classnames:
+        extra = descriptors.get(name)
+        if not extra:
+            raise KeyError(f"no descriptors for class {name!r}")
+        # Per-class prompt lists go through the same builder, one class at a time.
+        prompts = list(templates) + [lambda c, d=d: f"{templates[0].format(c).rstrip('.')}, which {d}." for d in extra]
+        rows.append(open_clip.build_zero_shot_classifier(
+            model, tokenizer, [name], _as_callables(prompts), num_classes_per_batch=None, device=device).T)
+    return torch.cat(rows).contiguous()
+
+
+def _as_callables(prompts: list) -> list[Callable[[str], str]]:
+    return [p if callable(p) else (lambda c, t=p: t.format(c)) for p in prompts]
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, torch.Tensor]:
+    """Per-sample hit indicators for top-k accuracy.
+
+    Args:
+        logits: (N, C) class scores.
+        labels: (N,) integer labels.
+        ks: the k values; k larger than C counts as C.
+
+    Returns:
+        ``{k: (N,) bool}``: whether the label is among the k best classes.
+    """
+    k_max = min(max(ks), logits.shape[1])
+    top = logits.topk(k_max, dim=1).indices
+    hits = top == labels[:, None]
+    return {k: hits[:, : min(k, k_max)].any(dim=1) for k in ks}

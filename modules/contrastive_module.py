@@ -1,0 +1,162 @@
+"""Contrastive pretraining / fine-tuning of an open_clip model on image-text pairs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from distill.clip_models import build_clip, save_local_dir
+from distill.objectives import InfoNCE, SigLIP, weighted_sum
+from distill.teachers import OPEN_CLIP_CKPT_KEY
+
+
+class ContrastiveModule(pl.LightningModule):
+    """Train an open_clip model (image and text towers) with contrastive objectives.
+
+    The model comes from an open_clip name (any architecture open_clip knows, random or with
+    local pretrained weights) or from an open_clip model config (a dict in the YAML or a JSON
+    file). Checkpoints carry the open_clip config, so ``Teacher(checkpoint=...)`` loads them;
+    ``export_dir`` also receives a plain open_clip ``local-dir`` folder at the end of fit.
+
+    Args:
+        model_name: open_clip model name, e.g. ``ViT-B-32`` or ``RN50``.
+        pretrained: pretrained tag in the local cache or a weights file, to fine-tune from.
+        model_config: open_clip model config (dict or JSON path), instead of ``model_name``.
+        objectives: weighted loss terms (default: symmetric InfoNCE).
+        init_logit_scale: initial log of the logit scale (open_clip default: log(1/0.07)).
+        init_logit_bias: initial logit bias; needed by SigLIP (e.g. -10).
+        max_logit_scale: the exponentiated logit scale is clamped to this after each step.
+        optimizer: optimizer class and arguments (weight decay applies to matrices only).
+        lr_scheduler: optional scheduler, stepped every optimizer step.
+        export_dir: folder to write the trained model to as an open_clip ``local-dir``.
+    """
+
+    def __init__(
+        self,
+        model_name: str | None = None,
+        pretrained: str | None = None,
+        model_config: dict | str | None = None,
+        objectives: list[nn.Module] | None = None,
+        init_logit_scale: float | None = None,
+        init_logit_bias: float | None = None,
+        max_logit_scale: float = 100.0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["objectives", "optimizer", "lr_scheduler"])
+        self.objectives = nn.ModuleList(objectives if objectives is not None else [InfoNCE()])
+        if not len(self.objectives):
+            raise ValueError("objectives is empty: give at least one loss term")
+        if any(isinstance(o, SigLIP) for o in self.objectives) and init_logit_bias is None:
+            raise ValueError("the SigLIP objective needs a logit bias: set init_logit_bias (e.g. -10.0) "
+                             "and init_logit_scale (e.g. 2.3026 = log 10)")
+        extra: dict[str, Any] = {}
+        if init_logit_scale is not None:
+            extra["init_logit_scale"] = init_logit_scale
+        if init_logit_bias is not None:
+            extra["init_logit_bias"] = init_logit_bias
+        bundle = build_clip(model_name=model_name, pretrained=pretrained, model_config=model_config, **extra)
+        self.model = bundle.model
+        self.tokenizer = bundle.tokenizer
+        self.preprocess_train = bundle.preprocess_train
+        self.preprocess_val = bundle.preprocess_val
+        self.open_clip_config = {"model_cfg": bundle.model_config, "preprocess_cfg": bundle.preprocess_config}
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.max_log_scale = math.log(max_logit_scale)
+        self.export_dir = export_dir
+
+    # The encoders evaluation callbacks use -----------------------------------------------
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(N, 3, H, W) images -> (N, D) embeddings."""
+        return self.model.encode_image(images, normalize=normalize)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(M, L) token ids -> (M, D) embeddings."""
+        return self.model.encode_text(tokens, normalize=normalize)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Embed a batch of pairs into the ``outputs`` dict the objectives read."""
+        outputs = {
+            "image_embeds": self.encode_image(images),
+            "text_embeds": self.encode_text(tokens),
+            "logit_scale": self.model.logit_scale.exp(),
+        }
+        if getattr(self.model, "logit_bias", None) is not None:
+            outputs["logit_bias"] = self.model.logit_bias
+        return outputs
+
+    # Steps -----------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if "text" not in batch:
+            raise KeyError("batch has no 'text' tokens: the datamodule got no tokenizer from this module")
+        outputs = self(batch["image"], batch["text"])
+        loss, terms = weighted_sum(self.objectives, outputs)
+        batch_size = batch["image"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/loss_{k}": v for k, v in terms.items()}, batch_size=batch_size)
+        self.log("train/logit_scale", outputs["logit_scale"].detach(), batch_size=batch_size)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # CLIP's clamp of the learnable temperature, applied to the parameter itself.
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, self.max_log_scale)
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
+        outputs = self(batch["image"], batch["text"]) if "text" in batch else {
+            "image_embeds": self.encode_image(batch["image"])}
+        if "text" in batch:
+            loss, _ = weighted_sum(self.objectives, outputs)
+            self.log(f"{stage}/loss", loss, batch_size=batch["image"].shape[0])
+        return {"image_embeds": outputs["image_embeds"], "text_embeds": outputs.get("text_embeds")}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._eval_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Image embeddings (and text embeddings when the batch has tokens)."""
+        out = {"image_embeds": self.encode_image(batch["image"])}
+        if "text" in batch:
+            out["text_embeds"] = self.encode_text(batch["text"])
+        return out
+
+    # Optimisation ----------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        # CLIP recipe: no weight decay on gains, biases, embeddings' scale and the temperature.
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            is_gain_or_bias = param.ndim < 2 or "bn" in name or "ln" in name or "logit_" in name
+            (no_decay if is_gain_or_bias else decay).append(param)
+        optimizer = self.optimizer([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+
+    # Checkpoints and export ------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[OPEN_CLIP_CKPT_KEY] = self.open_clip_config
+
+    def on_fit_end(self) -> None:
+        if self.export_dir and self.trainer.is_global_zero:
+            self.export_open_clip(self.export_dir)
+
+    def export_open_clip(self, folder: str | Path) -> Path:
+        """Write the model as an open_clip ``local-dir`` folder (config + safetensors)."""
+        return save_local_dir(self.model, self.open_clip_config["model_cfg"],
+                              self.open_clip_config["preprocess_cfg"], folder)
+

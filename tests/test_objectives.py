@@ -1,0 +1,180 @@
+"""Tests for distill.objectives: golden values vs open_clip and loop formulas."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss, SigLipLoss
+from torch import nn
+
+from distill.objectives import DCL, InfoNCE, SigLIP, SoftTargetContrastive, weighted_sum
+
+N, D = 8, 16
+TOL = dict(rtol=1e-7, atol=1e-9)
+
+
+def _pair(seed: int = 0, n: int = N, d: int = D):
+    g = torch.Generator().manual_seed(seed)
+    img = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+    txt = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+    return img.requires_grad_(), txt.requires_grad_()
+
+
+def _scalar(v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float64, requires_grad=True)
+
+
+def _grads(loss, *tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+def test_infonce_matches_open_clip():
+    img, txt = _pair()
+    scale = _scalar(14.3)
+    ours = InfoNCE()({"image_embeds": img, "text_embeds": txt, "logit_scale": scale})
+    ref = ClipLoss()(img, txt, scale)
+    torch.testing.assert_close(ours, ref, **TOL)
+    for a, b in zip(_grads(ours, img, txt, scale), _grads(ref, img, txt, scale)):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_siglip_matches_open_clip():
+    img, txt = _pair(1)
+    scale, bias = _scalar(10.0), _scalar(-10.0)
+    out = {"image_embeds": img, "text_embeds": txt, "logit_scale": scale, "logit_bias": bias}
+    ours = SigLIP()(out)
+    ref = SigLipLoss()(img, txt, scale, bias)
+    torch.testing.assert_close(ours, ref, **TOL)
+    for a, b in zip(_grads(ours, img, txt, scale, bias), _grads(ref, img, txt, scale, bias)):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_dcl_matches_loop_formula_and_differs_from_infonce():
+    img, txt = _pair(2)
+    scale = _scalar(5.0)
+    out = {"image_embeds": img, "text_embeds": txt, "logit_scale": scale}
+    ours = DCL()(out)
+    logits = (scale * img @ txt.T).tolist()
+    total = 0.0
+    for lg in (logits, [list(col) for col in zip(*logits)]):
+        for i, row in enumerate(lg):
+            neg = [row[j] for j in range(N) if j != i]
+            total += -row[i] + math.log(sum(math.exp(v) for v in neg))
+    expected = torch.tensor(total / (2 * N), dtype=torch.float64)
+    torch.testing.assert_close(ours.detach(), expected, **TOL)
+    assert abs(ours.item() - InfoNCE()(out).item()) > 1e-3
+
+
+def test_soft_target_one_hot_equals_infonce():
+    img, txt = _pair(3)
+    out = {
+        "image_embeds": img,
+        "text_embeds": txt,
+        "logit_scale": _scalar(20.0),
+        "target_similarity": torch.eye(N, dtype=torch.float64) * 10.0,
+    }
+    ours = SoftTargetContrastive(target_temperature=0.01)(out)
+    torch.testing.assert_close(ours, InfoNCE()(out), **TOL)
+
+
+def test_soft_target_matches_loop_formula():
+    img, txt = _pair(4)
+    scale, tau = 7.0, 0.5
+    sim = torch.randn(N, N, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out = {"image_embeds": img, "text_embeds": txt, "logit_scale": _scalar(scale), "target_similarity": sim}
+    ours = SoftTargetContrastive(target_temperature=tau)(out)
+    logits = (scale * img @ txt.T).tolist()
+    s = sim.tolist()
+
+    def direction(lg, st):
+        acc = 0.0
+        for i in range(N):
+            zt = sum(math.exp(v / tau) for v in st[i])
+            zl = math.log(sum(math.exp(v) for v in lg[i]))
+            acc += -sum(math.exp(st[i][j] / tau) / zt * (lg[i][j] - zl) for j in range(N))
+        return acc / N
+
+    tr = lambda m: [list(c) for c in zip(*m)]  # noqa: E731
+    expected = (direction(logits, s) + direction(tr(logits), tr(s))) / 2
+    torch.testing.assert_close(ours.detach(), torch.tensor(expected, dtype=torch.float64), **TOL)
+
+
+def test_soft_target_detaches_similarity():
+    img, txt = _pair(6)
+    sim = torch.randn(N, N, dtype=torch.float64, requires_grad=True)
+    out = {"image_embeds": img, "text_embeds": txt, "logit_scale": _scalar(3.0), "target_similarity": sim}
+    SoftTargetContrastive()(out).backward()
+    assert sim.grad is None
+
+
+@pytest.mark.parametrize("cls", [InfoNCE, DCL, SoftTargetContrastive])
+def test_logit_scale_clamp(cls):
+    img, txt = _pair(7)
+    sim = torch.randn(N, N, dtype=torch.float64)
+    high, cap = _scalar(200.0), _scalar(100.0)
+    base = {"image_embeds": img, "text_embeds": txt, "target_similarity": sim}
+    loss_high = cls()({**base, "logit_scale": high})
+    (g,) = torch.autograd.grad(loss_high, high)
+    assert g.item() == 0.0
+    torch.testing.assert_close(loss_high, cls()({**base, "logit_scale": cap}), **TOL)
+
+
+def test_shape_mismatch_message():
+    img, _ = _pair(n=4, d=8)
+    _, txt = _pair(n=5, d=8)
+    with pytest.raises(ValueError, match=r"image_embeds has shape \(4, 8\) but text_embeds has \(5, 8\)"):
+        InfoNCE()({"image_embeds": img, "text_embeds": txt, "logit_scale": _scalar(1.0)})
+
+
+def test_missing_keys_messages():
+    img, txt = _pair()
+    with pytest.raises(KeyError, match=r"SigLIP needs outputs\['logit_bias'\]; build the model with init_logit_bias"):
+        SigLIP()({"image_embeds": img, "text_embeds": txt, "logit_scale": _scalar(1.0)})
+    with pytest.raises(KeyError, match="logit_scale"):
+        InfoNCE()({"image_embeds": img, "text_embeds": txt})
+    with pytest.raises(KeyError, match="target_similarity"):
+        SoftTargetContrastive()({"image_embeds": img, "text_embeds": txt, "logit_scale": _scalar(1.0)})
+
+
+def test_non_finite_embeds_rejected():
+    img, txt = _pair()
+    bad = img.detach().clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="image_embeds contains non-finite"):
+        InfoNCE()({"image_embeds": bad, "text_embeds": txt, "logit_scale": _scalar(1.0)})
+
+
+def test_weighted_sum_combines_weights():
+    img, txt = _pair(8)
+    out = {"image_embeds": img, "text_embeds": txt, "logit_scale": _scalar(10.0), "logit_bias": _scalar(-5.0)}
+    objs = [InfoNCE(weight=0.25), SigLIP(weight=2.0), DCL(weight=0.5, name="dcl_aux")]
+    total, terms = weighted_sum(objs, out)
+    assert list(terms) == ["infonce", "siglip", "dcl_aux"]
+    expected = 0.25 * InfoNCE()(out) + 2.0 * SigLIP()(out) + 0.5 * DCL()(out)
+    torch.testing.assert_close(total, expected, **TOL)
+    torch.testing.assert_close(terms["siglip"], SigLIP()(out).detach(), **TOL)
+    assert all(not t.requires_grad for t in terms.values())
+    assert total.requires_grad
+
+
+def test_weighted_sum_nan_names_objective():
+    class NaNLoss(nn.Module):
+        weight, name = 1.0, "broken"
+
+        def forward(self, outputs):
+            return torch.tensor(float("nan"))
+
+    img, txt = _pair()
+    out = {"image_embeds": img, "text_embeds": txt, "logit_scale": _scalar(1.0)}
+    with pytest.raises(FloatingPointError, match="loss term 'broken' is nan"):
+        weighted_sum([InfoNCE(), NaNLoss()], out)
+    with pytest.raises(FloatingPointError, match="loss term 'infonce' is nan"):
+        weighted_sum([InfoNCE()], {**out, "logit_scale": _scalar(float("nan"))})
+
+
+def test_weighted_sum_rejects_duplicate_names():
+    img, txt = _pair()
+    out = {"image_embeds": img, "text_embeds": txt, "logit_scale": _scalar(1.0)}
+    with pytest.raises(ValueError, match="share the name 'infonce'"):
+        weighted_sum([InfoNCE(), InfoNCE(weight=0.5)], out)
