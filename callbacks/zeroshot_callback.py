@@ -104,6 +104,19 @@ class ZeroShotEvaluation(pl.Callback):
         if images is None:
             return
         labels, domains = self._gathered(pl_module, "label"), self._gathered(pl_module, "domain")
+        results: dict[str, float] = {}
+        if datamodule.classnames:  # pairs without class names get retrieval metrics only
+            results.update(self._classification(pl_module, datamodule, images, labels, domains))
+        texts = self._gathered(pl_module, "text")
+        if self.retrieval and texts is not None:
+            results.update(self._retrieval(images[: self.retrieval_items], texts[: self.retrieval_items]))
+
+        self.results[stage] = results
+        pl_module.log_dict({f"{stage}/{k}": v for k, v in results.items()}, sync_dist=False)
+        if trainer.is_global_zero:
+            self._report(trainer, stage, results)
+
+    def _classification(self, pl_module, datamodule, images, labels, domains) -> dict[str, float]:
         was_training = pl_module.training
         pl_module.eval()
         bank = self._class_bank(pl_module, datamodule).float()
@@ -126,18 +139,13 @@ class ZeroShotEvaluation(pl.Callback):
                 vals = [results[f"top{k}_{m}"] for m in members if f"top{k}_{m}" in results]
                 if vals:
                     results[f"{group}_top{k}"] = sum(vals) / len(vals)
-        texts = self._gathered(pl_module, "text")
-        if self.retrieval and texts is not None:
-            results.update(self._retrieval(images[: self.retrieval_items], texts[: self.retrieval_items]))
-
-        self.results[stage] = results
-        pl_module.log_dict({f"{stage}/{k}": v for k, v in results.items()}, sync_dist=False)
-        if trainer.is_global_zero:
-            self._report(trainer, stage, results)
+        return results
 
     def _retrieval(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, float]:
         n = images.shape[0]
-        sim = images @ texts.T
+        # torchmetrics counts only positive scores as retrieved; cosines lie in [-1, 1], so shift
+        # them (the ranking is unchanged).
+        sim = images @ texts.T + 2.0
         target = torch.eye(n, dtype=torch.bool, device=sim.device)
         rows = torch.arange(n, device=sim.device)[:, None].expand(n, n)
         out = {}
