@@ -1,6 +1,6 @@
 """``python -m distill`` runs the ``distill`` command line."""
 
-from distill.cli import main
+from distill.cli import console_main
 
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -58,5 +58,10 @@ def main(args: list[str] | None = None) -> DistillCLI:
     )
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """Entry point of the ``distill`` console script and ``python -m distill``."""
     main()
+
+
+if __name__ == "__main__":
+    console_main()

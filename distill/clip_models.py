@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import open_clip
 import torch
-from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
 from torch import nn
 
 PathLike = str | os.PathLike
@@ -149,6 +149,7 @@ def build_clip(
     pretrained: str | None = None,
     model_config: dict | PathLike | None = None,
     cache_dir: str | None = None,
+    aug_cfg: dict[str, Any] | None = None,
     **model_kwargs: Any,
 ) -> ClipBundle:
     """Build an open_clip model, its tokenizer and its preprocessing.
@@ -158,6 +159,8 @@ def build_clip(
         pretrained: pretrained tag available in the local cache, or a weights file.
         model_config: open_clip model config (dict or JSON path) instead of a name.
         cache_dir: cache folder in which pretrained tags are looked up.
+        aug_cfg: training augmentation, open_clip ``AugmentationCfg`` fields (``scale``,
+            ``ratio``, ``color_jitter``...); open_clip's defaults when None.
         **model_kwargs: extra ``CLIP`` arguments (``init_logit_scale``, ``init_logit_bias``).
     """
     if (model_name is None) == (model_config is None):
@@ -188,11 +191,21 @@ def build_clip(
     return ClipBundle(
         model=model,
         tokenizer=tokenizer,
-        preprocess_train=image_transform_v2(preprocess_cfg, is_train=True),
+        preprocess_train=image_transform_v2(preprocess_cfg, is_train=True, aug_cfg=_aug_cfg(aug_cfg)),
         preprocess_val=image_transform_v2(preprocess_cfg, is_train=False),
         model_config=cfg,
         preprocess_config=asdict(preprocess_cfg),
     )
+
+
+def _aug_cfg(aug_cfg: dict[str, Any] | None) -> AugmentationCfg | None:
+    if aug_cfg is None:
+        return None
+    known = set(AugmentationCfg.__dataclass_fields__)
+    unknown = sorted(set(aug_cfg) - known)
+    if unknown:
+        raise KeyError(f"aug_cfg: unknown keys {unknown}; open_clip AugmentationCfg has {sorted(known)}")
+    return AugmentationCfg(**{k: tuple(v) if isinstance(v, list) else v for k, v in aug_cfg.items()})
 
 
 def save_local_dir(model: nn.Module, model_config: dict, preprocess_config: dict, folder: PathLike) -> Path:

@@ -12,7 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from distill.clip_models import build_clip, save_local_dir
-from distill.objectives import InfoNCE, SigLIP, weighted_sum
+from distill.objectives import InfoNCE, SigLIP, SoftTargetContrastive, weighted_sum
 from distill.teachers import OPEN_CLIP_CKPT_KEY
 
 
@@ -28,7 +28,10 @@ class ContrastiveModule(pl.LightningModule):
         model_name: open_clip model name, e.g. ``ViT-B-32`` or ``RN50``.
         pretrained: pretrained tag in the local cache or a weights file, to fine-tune from.
         model_config: open_clip model config (dict or JSON path), instead of ``model_name``.
-        objectives: weighted loss terms (default: symmetric InfoNCE).
+        aug_cfg: training augmentation as open_clip ``AugmentationCfg`` fields, e.g.
+            ``{scale: [0.9, 1.0], ratio: [1.0, 1.0]}`` (open_clip's defaults when None).
+        objectives: weighted loss terms (default: symmetric InfoNCE). ``SoftTargetContrastive``
+            takes its targets from the caption-caption similarity of the text tower.
         init_logit_scale: initial log of the logit scale (open_clip default: log(1/0.07)).
         init_logit_bias: initial logit bias; needed by SigLIP (e.g. -10).
         max_logit_scale: the exponentiated logit scale is clamped to this after each step.
@@ -42,6 +45,7 @@ class ContrastiveModule(pl.LightningModule):
         model_name: str | None = None,
         pretrained: str | None = None,
         model_config: dict | str | None = None,
+        aug_cfg: dict[str, Any] | None = None,
         objectives: list[nn.Module] | None = None,
         init_logit_scale: float | None = None,
         init_logit_bias: float | None = None,
@@ -58,12 +62,14 @@ class ContrastiveModule(pl.LightningModule):
         if any(isinstance(o, SigLIP) for o in self.objectives) and init_logit_bias is None:
             raise ValueError("the SigLIP objective needs a logit bias: set init_logit_bias (e.g. -10.0) "
                              "and init_logit_scale (e.g. 2.3026 = log 10)")
+        self._needs_target_similarity = any(isinstance(o, SoftTargetContrastive) for o in self.objectives)
         extra: dict[str, Any] = {}
         if init_logit_scale is not None:
             extra["init_logit_scale"] = init_logit_scale
         if init_logit_bias is not None:
             extra["init_logit_bias"] = init_logit_bias
-        bundle = build_clip(model_name=model_name, pretrained=pretrained, model_config=model_config, **extra)
+        bundle = build_clip(model_name=model_name, pretrained=pretrained, model_config=model_config,
+                            aug_cfg=aug_cfg, **extra)
         self.model = bundle.model
         self.tokenizer = bundle.tokenizer
         self.preprocess_train = bundle.preprocess_train
@@ -92,6 +98,9 @@ class ContrastiveModule(pl.LightningModule):
         }
         if getattr(self.model, "logit_bias", None) is not None:
             outputs["logit_bias"] = self.model.logit_bias
+        if self._needs_target_similarity:
+            # CWCL-style soft targets: how alike the captions are, by the text tower itself.
+            outputs["target_similarity"] = (outputs["text_embeds"] @ outputs["text_embeds"].T).detach()
         return outputs
 
     # Steps -----------------------------------------------------------------------------------

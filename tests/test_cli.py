@@ -94,3 +94,18 @@ def test_help_comes_from_docstrings(capsys):
         main(["fit", "--data.help", "ShapesWorldDataModule"])
     out = capsys.readouterr().out
     assert "held-out domains evaluated as OOD" in out
+
+
+def test_validate_and_predict_with_a_frozen_teacher(tmp_path, monkeypatch, tiny_local_dir):
+    monkeypatch.chdir(tmp_path)
+    args = ["--model=ZeroShotModule", f"--model.init_args.model_name=local-dir:{tiny_local_dir}",
+            "--data=ShapesWorldDataModule", *SMALL_DATA, "--data.init_args.train_domains=[flat,outline]",
+            "--trainer.accelerator=cpu", "--trainer.default_root_dir=run", "--trainer.callbacks+=ZeroShotEvaluation",
+            "--trainer.enable_progress_bar=false"]
+    cli = main(["validate", *args])
+    metrics = cli.trainer.callback_metrics
+    assert {"val/id_top1", "val/ood_top1", "val/i2t_r1", "val/top5_night"} <= set(metrics)
+    assert 0.0 <= float(metrics["val/id_top1"]) <= 1.0
+    cli = main(["predict", *args])
+    predictions = cli.trainer.predict_loop.predictions
+    assert predictions[0]["image_embeds"].shape == (7, 32)

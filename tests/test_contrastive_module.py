@@ -5,7 +5,7 @@ import torch
 
 from distill.datamodules import ShapesWorldDataModule
 from distill.modules import ContrastiveModule
-from distill.objectives import DCL, InfoNCE, SigLIP
+from distill.objectives import DCL, InfoNCE, SigLIP, SoftTargetContrastive
 
 
 def _batch(module, n=16):
@@ -21,6 +21,7 @@ def _batch(module, n=16):
     ([InfoNCE()], {}),
     ([SigLIP()], {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}),
     ([InfoNCE(weight=0.5), DCL(weight=0.5)], {}),
+    ([SoftTargetContrastive(target_temperature=0.02)], {}),
 ])
 def test_overfits_a_fixed_batch(tiny_config, objectives, extra):
     torch.manual_seed(0)
