@@ -3,7 +3,9 @@
 The image transform and the tokenizer belong to the model being trained (a teacher at 224 px
 with CLIP's BPE, a student at 64 px with its own mean/std...), not to the data. A datamodule
 therefore asks the attached LightningModule for them in ``setup()``: ``preprocess_train``,
-``preprocess_val`` and ``tokenizer`` attributes, each optional.
+``preprocess_val`` and ``tokenizer`` attributes, each optional. A distillation module also
+exposes ``teacher_preprocess`` and ``teacher_tokenizer``: training batches then carry the
+teacher's own view of each image (``teacher_image``) and tokens (``teacher_text``).
 """
 
 from __future__ import annotations
@@ -29,38 +31,74 @@ class ModelIO:
         train_transform: PIL image -> tensor for the training split.
         eval_transform: PIL image -> tensor for val/test/predict.
         tokenizer: ``list[str] -> (M, L)`` token ids; captions are left as strings when None.
+        teacher_transform: PIL image -> tensor, the teacher's view (training split only).
+        teacher_tokenizer: the teacher's tokenizer (training split only).
     """
 
     def __init__(self, train_transform: Callable | None = None, eval_transform: Callable | None = None,
-                 tokenizer: Callable | None = None) -> None:
+                 tokenizer: Callable | None = None, teacher_transform: Callable | None = None,
+                 teacher_tokenizer: Callable | None = None) -> None:
         self.train_transform = train_transform or to_float_tensor
         self.eval_transform = eval_transform or to_float_tensor
         self.tokenizer = tokenizer
+        self.teacher_transform, self.teacher_tokenizer = teacher_transform, teacher_tokenizer
 
     @classmethod
     def from_model(cls, model: Any) -> ModelIO:
-        """Read ``preprocess_train`` / ``preprocess_val`` / ``tokenizer`` off a module, when present."""
-        return cls(getattr(model, "preprocess_train", None), getattr(model, "preprocess_val", None),
-                   getattr(model, "tokenizer", None))
+        """Read the transforms and tokenizers a module exposes (each attribute optional)."""
+        return cls(*(getattr(model, name, None) for name in (
+            "preprocess_train", "preprocess_val", "tokenizer", "teacher_preprocess", "teacher_tokenizer")))
+
+    def views(self, split: str) -> Views:
+        """The image views of a split: the model's, plus the teacher's when training."""
+        if split == "train":
+            return Views(self.train_transform, self.teacher_transform)
+        return Views(self.eval_transform)
+
+    def collate(self, split: str) -> ImageTextCollate:
+        """The batch collator of a split (teacher tokens only when training)."""
+        return ImageTextCollate(self.tokenizer, self.teacher_tokenizer if split == "train" else None)
+
+
+class Views:
+    """PIL image -> ``{"image": model view, "teacher_image": teacher view}`` (teacher optional).
+
+    Args:
+        transform: the model's transform.
+        teacher_transform: the teacher's transform, or None.
+    """
+
+    def __init__(self, transform: Callable, teacher_transform: Callable | None = None) -> None:
+        self.transform, self.teacher_transform = transform, teacher_transform
+
+    def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        views = {"image": self.transform(image)}
+        if self.teacher_transform is not None:
+            views["teacher_image"] = self.teacher_transform(image)
+        return views
 
 
 class ImageTextCollate:
     """Collate dict samples into a batch dict and tokenize the captions.
 
     The batch holds ``image`` (B, 3, H, W), ``caption`` (list of B strings), ``text``
-    (B, L) token ids when a tokenizer is set, ``label`` (B,) and ``domain`` (B,).
+    (B, L) token ids when a tokenizer is set, ``label`` (B,), ``domain`` (B,) and ``index``
+    (B,) dataset indices; plus ``teacher_image`` / ``teacher_text`` when the samples carry a
+    teacher view and a teacher tokenizer is set.
     """
 
-    def __init__(self, tokenizer: Callable | None = None) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Callable | None = None, teacher_tokenizer: Callable | None = None) -> None:
+        self.tokenizer, self.teacher_tokenizer = tokenizer, teacher_tokenizer
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch: dict[str, Any] = {
-            "image": torch.stack([s["image"] for s in samples]),
-            "caption": [s["caption"] for s in samples],
-            "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
-            "domain": torch.tensor([s["domain"] for s in samples], dtype=torch.long),
-        }
+        batch: dict[str, Any] = {"caption": [s["caption"] for s in samples]}
+        for key in ("image", "teacher_image"):
+            if key in samples[0]:
+                batch[key] = torch.stack([s[key] for s in samples])
+        for key in ("label", "domain", "index"):
+            batch[key] = torch.tensor([s[key] for s in samples], dtype=torch.long)
         if self.tokenizer is not None:
             batch["text"] = self.tokenizer(batch["caption"])
+        if self.teacher_tokenizer is not None:
+            batch["teacher_text"] = self.teacher_tokenizer(batch["caption"])
         return batch

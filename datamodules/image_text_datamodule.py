@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from distill.datamodules.common import ImageTextCollate, ModelIO
+from distill.datamodules.common import ModelIO, Views, to_float_tensor
 
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}."]
 
@@ -49,11 +49,10 @@ class CsvPairsDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
         with Image.open(self.root / row[self.image_column]) as img:
-            image = img.convert("RGB")
-        return {"image": self.transform(image) if self.transform else image,
-                "caption": row[self.caption_column],
+            views = (self.transform or Views(to_float_tensor))(img.convert("RGB"))
+        return {**views, "caption": row[self.caption_column],
                 "label": self.label_of.get(row.get(self.label_column, ""), -1),
-                "domain": self.domain_of.get(row.get(self.domain_column, ""), 0)}
+                "domain": self.domain_of.get(row.get(self.domain_column) or "default", 0), "index": index}
 
 
 class ImageTextDataModule(pl.LightningDataModule):
@@ -116,12 +115,11 @@ class ImageTextDataModule(pl.LightningDataModule):
             raise ValueError(f"no {split}_csv was given to ImageTextDataModule")
         label_of = {c: i for i, c in enumerate(self.classnames)}
         domain_of = {d: i for i, d in enumerate(self.domain_names)}
-        transform = self.io.train_transform if split == "train" else self.io.eval_transform
         dataset = CsvPairsDataset(self.rows[split], self.root, label_of=label_of, domain_of=domain_of,
                                   label_column=self.class_column, domain_column=self.domain_column,
-                                  transform=transform, **self.columns)
+                                  transform=self.io.views(split), **self.columns)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=ImageTextCollate(self.io.tokenizer), drop_last=shuffle and len(dataset) > self.batch_size)
+                          collate_fn=self.io.collate(split), drop_last=shuffle and len(dataset) > self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

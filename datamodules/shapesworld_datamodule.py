@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from distill import shapesworld as sw
-from distill.datamodules.common import ImageTextCollate, ModelIO
+from distill.datamodules.common import ModelIO, Views, to_float_tensor
 
 ClassSplit = Literal["all", "base", "novel"]
 
@@ -48,7 +48,7 @@ class ShapesWorldDataset(Dataset):
         num_colours: colours in use.
         second_object_prob: chance of a distractor object.
         seed: world seed.
-        transform: PIL image -> tensor.
+        transform: PIL image -> dict of views (``image``, optionally ``teacher_image``).
         cache: render every item once up front (fast epochs) instead of on access.
     """
 
@@ -86,9 +86,8 @@ class ShapesWorldDataset(Dataset):
         else:
             it = self.item(index)
             pixels, caption = it.image, it.caption
-        image = Image.fromarray(pixels)
-        return {"image": self.transform(image) if self.transform else image, "caption": caption,
-                "label": label, "domain": domain}
+        views = (self.transform or Views(to_float_tensor))(Image.fromarray(pixels))
+        return {**views, "caption": caption, "label": label, "domain": domain, "index": index}
 
 
 class ShapesWorldDataModule(pl.LightningDataModule):
@@ -203,7 +202,7 @@ class ShapesWorldDataModule(pl.LightningDataModule):
         for split in wanted.get(stage, ["train", "val", "test"]):
             self.datasets[split] = self._make(split)
         for split, ds in self.datasets.items():
-            ds.transform = self.io.train_transform if split == "train" else self.io.eval_transform
+            ds.transform = self.io.views(split)
 
     def _make(self, split: str) -> ShapesWorldDataset:
         if split in self.datasets:
@@ -217,7 +216,7 @@ class ShapesWorldDataModule(pl.LightningDataModule):
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
         return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, collate_fn=ImageTextCollate(self.io.tokenizer),
+                          num_workers=self.num_workers, collate_fn=self.io.collate(split),
                           drop_last=shuffle and len(self.datasets[split]) > self.batch_size,
                           persistent_workers=self.num_workers > 0)
 

@@ -1,0 +1,218 @@
+"""Distillation objectives: a student learns from a frozen vision-language teacher.
+
+Same contract as ``distill.objectives``: each is an ``nn.Module`` with ``weight`` and ``name``
+whose ``forward(outputs)`` returns the unweighted scalar loss, combined with
+``distill.objectives.weighted_sum``. The ``outputs`` dict of a distillation step holds:
+
+* ``image_embeds`` (N, D): student image embeddings, L2-normalised;
+* ``text_embeds`` (N, D): student caption embeddings (dual-tower students only);
+* ``logit_scale``: the student's exponentiated temperature (dual towers), else the teacher's;
+* ``teacher_image_embeds`` / ``teacher_text_embeds`` (N, D): the teacher's, L2-normalised;
+* ``teacher_logit_scale``: the teacher's exponentiated temperature;
+* ``class_bank`` (C, D): the teacher's zero-shot classifier; ``labels`` (N,) class indices.
+
+Families (REFERENCE section 1): feature mimicry (:class:`FeatureDistillation`), relational /
+affinity KD (:class:`AffinityDistillation`, CLIP-KD's CRD, TinyCLIP's affinity mimicking),
+interactive contrastive (:class:`InteractiveContrastive`), logit KD on the class bank
+(:class:`LogitDistillation`), and the labelled task loss (:class:`LabelCrossEntropy`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from distill.objectives import Objective
+
+__all__ = ["FeatureDistillation", "AffinityDistillation", "InteractiveContrastive", "LogitDistillation",
+           "LabelCrossEntropy", "ClassTextAlignment"]
+
+
+def _kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(softmax(teacher) || softmax(student)); (N, M) inputs."""
+    teacher_logp = teacher_logits.log_softmax(dim=1)
+    return (teacher_logp.exp() * (teacher_logp - student_logits.log_softmax(dim=1))).sum(dim=1).mean()
+
+
+def _student_text(outputs: Mapping[str, torch.Tensor], obj: Objective) -> torch.Tensor:
+    """The student's caption embeddings, or the teacher's for image-only students."""
+    return outputs["text_embeds"] if "text_embeds" in outputs else obj._get(outputs, "teacher_text_embeds")
+
+
+class FeatureDistillation(Objective):
+    """Feature mimicry: student embeddings regress onto the teacher's (CLIP-KD's FD).
+
+    ``mse``: mean over the batch of the squared L2 distance (CLIP-KD weighs it x2000);
+    ``cosine``: mean of 1 - cos(student, teacher).
+
+    Args:
+        weight: multiplier applied by ``weighted_sum``.
+        loss: ``mse`` or ``cosine``.
+        modality: ``image``, ``text`` (dual-tower students) or ``both``.
+        name: log key; defaults to ``fd_<loss>``.
+    """
+
+    default_name = "fd"
+
+    def __init__(self, weight: float = 1.0, loss: Literal["mse", "cosine"] = "mse",
+                 modality: Literal["image", "text", "both"] = "image", name: str | None = None) -> None:
+        super().__init__(weight=weight, name=name or f"fd_{loss}")
+        if loss not in ("mse", "cosine"):
+            raise ValueError(f"loss must be 'mse' or 'cosine', got {loss!r}")
+        self.loss, self.modality = loss, modality
+
+    def _one(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if student.shape != teacher.shape:
+            raise ValueError(f"student embeddings {tuple(student.shape)} and teacher embeddings "
+                             f"{tuple(teacher.shape)} differ: give the student a projection to the teacher's width")
+        if self.loss == "mse":
+            return (student - teacher).pow(2).sum(dim=1).mean()
+        return (1 - F.cosine_similarity(student, teacher, dim=1)).mean()
+
+    def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        terms = []
+        if self.modality in ("image", "both"):
+            terms.append(self._one(self._get(outputs, "image_embeds"), self._get(outputs, "teacher_image_embeds")))
+        if self.modality in ("text", "both"):
+            terms.append(self._one(self._get(outputs, "text_embeds", "only dual-tower students embed text"),
+                                   self._get(outputs, "teacher_text_embeds")))
+        return sum(terms) / len(terms)
+
+
+class AffinityDistillation(Objective):
+    """Relational KD: match the teacher's image-text similarity distributions (rows and columns).
+
+    Teacher logits ``s_t * T_img @ T_txt.T``; student logits ``s * S_img @ S_txt.T`` (an
+    image-only student uses the teacher's caption embeddings as ``S_txt``). The loss is the
+    mean of KL(teacher || student) over image->text rows and text->image rows. With
+    ``temperature`` set, both sides use ``1 / temperature`` instead of their logit scales.
+    Equals open_clip's ``DistillClipLoss`` distillation term up to the teacher's entropy.
+
+    Args:
+        weight: multiplier applied by ``weighted_sum``.
+        temperature: shared softmax temperature, or None to use the logit scales.
+        name: log key; defaults to ``affinity``.
+    """
+
+    default_name = "affinity"
+
+    def __init__(self, weight: float = 1.0, temperature: float | None = None, name: str | None = None) -> None:
+        super().__init__(weight=weight, name=name)
+        if temperature is not None and not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        s_img, s_txt = self._get(outputs, "image_embeds"), _student_text(outputs, self)
+        t_img, t_txt = self._get(outputs, "teacher_image_embeds"), self._get(outputs, "teacher_text_embeds")
+        if self.temperature is None:
+            s_scale, t_scale = self._get(outputs, "logit_scale"), self._get(outputs, "teacher_logit_scale")
+        else:
+            s_scale = t_scale = 1.0 / self.temperature
+        student = s_scale * s_img @ s_txt.T
+        teacher = (t_scale * t_img @ t_txt.T).detach()
+        return (_kl_rows(teacher, student) + _kl_rows(teacher.T, student.T)) / 2
+
+
+class InteractiveContrastive(Objective):
+    """Interactive contrastive learning (ICL): the student's images against the teacher's texts.
+
+    InfoNCE between student image embeddings and teacher caption embeddings, so the student
+    lands in the teacher's space; for dual-tower students also teacher images against student
+    texts, averaged. Uses the teacher's logit scale unless ``temperature`` is given.
+
+    Args:
+        weight: multiplier applied by ``weighted_sum``.
+        temperature: softmax temperature, or None for the teacher's logit scale.
+        name: log key; defaults to ``icl``.
+    """
+
+    default_name = "icl"
+
+    def __init__(self, weight: float = 1.0, temperature: float | None = None, name: str | None = None) -> None:
+        super().__init__(weight=weight, name=name)
+        self.temperature = temperature
+
+    def _info_nce(self, a: torch.Tensor, b: torch.Tensor, scale) -> torch.Tensor:
+        logits = scale * a @ b.T
+        labels = torch.arange(a.shape[0], device=a.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+    def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        scale = 1.0 / self.temperature if self.temperature else self._get(outputs, "teacher_logit_scale")
+        loss = self._info_nce(self._get(outputs, "image_embeds"), self._get(outputs, "teacher_text_embeds"), scale)
+        if "text_embeds" in outputs:
+            loss = (loss + self._info_nce(self._get(outputs, "teacher_image_embeds"), outputs["text_embeds"], scale)) / 2
+        return loss
+
+
+class LogitDistillation(Objective):
+    """Logit KD on the zero-shot classifier: temperature-scaled KL, times T squared (Hinton).
+
+    Student logits ``s_t * S_img @ bank.T``, teacher logits ``s_t * T_img @ bank.T`` with
+    the teacher's logit scale ``s_t`` and class bank (C, D).
+
+    Args:
+        weight: multiplier applied by ``weighted_sum``.
+        temperature: softening temperature T.
+        name: log key; defaults to ``logit_kd``.
+    """
+
+    default_name = "logit_kd"
+
+    def __init__(self, weight: float = 1.0, temperature: float = 2.0, name: str | None = None) -> None:
+        super().__init__(weight=weight, name=name)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        bank, scale = self._get(outputs, "class_bank"), self._get(outputs, "teacher_logit_scale")
+        student = scale * self._get(outputs, "image_embeds") @ bank.T / self.temperature
+        teacher = (scale * self._get(outputs, "teacher_image_embeds") @ bank.T / self.temperature).detach()
+        return _kl_rows(teacher, student) * self.temperature ** 2
+
+
+class LabelCrossEntropy(Objective):
+    """The labelled task: cross entropy of the student's zero-shot logits on the teacher's class bank.
+
+    Logits ``s_t * S_img @ bank.T``; the classifier is the teacher's text class bank, so a
+    student trained on labels alone is evaluated exactly like the distilled ones.
+
+    Args:
+        weight: multiplier applied by ``weighted_sum``.
+        label_smoothing: label smoothing of the cross entropy.
+        name: log key; defaults to ``label_ce``.
+    """
+
+    default_name = "label_ce"
+
+    def __init__(self, weight: float = 1.0, label_smoothing: float = 0.0, name: str | None = None) -> None:
+        super().__init__(weight=weight, name=name)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        bank, scale = self._get(outputs, "class_bank"), self._get(outputs, "teacher_logit_scale")
+        logits = scale * self._get(outputs, "image_embeds") @ bank.T
+        return F.cross_entropy(logits, self._get(outputs, "labels"), label_smoothing=self.label_smoothing)
+
+
+class ClassTextAlignment(Objective):
+    """Align student image embeddings with the teacher's text embedding of their class.
+
+    Mean of ``1 - cos(S_img, bank[label])``: VL2V-ADiP's alignment of the student's features
+    with the teacher's text side (its image side is ``FeatureDistillation(loss="cosine")``).
+
+    Args:
+        weight: multiplier applied by ``weighted_sum``.
+        name: log key; defaults to ``class_text_align``.
+    """
+
+    default_name = "class_text_align"
+
+    def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        target = self._get(outputs, "class_bank")[self._get(outputs, "labels")]
+        return (1 - F.cosine_similarity(self._get(outputs, "image_embeds"), target, dim=1)).mean()

@@ -1,0 +1,133 @@
+"""Compact students that map images (and, for dual towers, text) into a teacher's space.
+
+Two kinds, both with ``encode_image(images) -> (N, D_teacher)``:
+
+* :class:`TimmStudent`: any timm image model (by name, random init by default or local
+  weights) plus a projection into the teacher's embedding width; its preprocessing comes from
+  timm's data config at the chosen resolution.
+* :class:`OpenClipStudent`: a small open_clip dual tower built from an open_clip config; it
+  also has ``encode_text`` and its own tokenizer.
+
+The embedding width ``embed_dim`` is the teacher's: the distillation module passes it, so it is
+never typed twice in a config.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from typing import Any, Literal
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.data import create_transform, resolve_data_config
+from torch import nn
+
+from distill.clip_models import build_clip, load_model_config
+
+
+def check_timm_name(model_name: str) -> str:
+    """Return ``model_name`` if timm knows it, else raise with the closest names."""
+    if model_name in timm.list_models():
+        return model_name
+    close = difflib.get_close_matches(model_name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+    raise ValueError(f"unknown timm model name {model_name!r}{hint}")
+
+
+class TimmStudent(nn.Module):
+    """A timm image tower with a projection into the teacher's embedding space.
+
+    Args:
+        embed_dim: output width D; set from the teacher by the distillation module.
+        model_name: timm model name, e.g. ``mobilenetv3_small_050`` or ``resnet10t``.
+        pretrained: local weights file for the timm model (nothing is downloaded); random
+            initialisation when None.
+        image_size: input resolution; the timm default when None.
+        projection: ``linear`` or ``mlp`` (Linear-GELU-Linear) head into the teacher's space.
+        drop_rate: dropout before the projection.
+    """
+
+    def __init__(self, embed_dim: int, model_name: str = "mobilenetv3_small_050", pretrained: str | None = None,
+                 image_size: int | None = None, projection: Literal["linear", "mlp"] = "linear",
+                 drop_rate: float = 0.0) -> None:
+        super().__init__()
+        check_timm_name(model_name)
+        if pretrained is not None and not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"timm weights file not found: {pretrained}")
+        self.trunk = timm.create_model(model_name, pretrained=False, num_classes=0, drop_rate=drop_rate)
+        if pretrained is not None:
+            timm.models.load_checkpoint(self.trunk, pretrained, strict=False)
+        width = self.trunk.num_features
+        if projection == "linear":
+            self.proj = nn.Linear(width, embed_dim)
+        elif projection == "mlp":
+            self.proj = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, embed_dim))
+        else:
+            raise ValueError(f"projection must be 'linear' or 'mlp', got {projection!r}")
+        self.embed_dim = embed_dim
+        data_cfg = resolve_data_config({}, model=self.trunk)
+        if image_size is not None:
+            data_cfg["input_size"] = (3, image_size, image_size)
+            data_cfg["crop_pct"] = 1.0
+        self.data_config: dict[str, Any] = data_cfg
+        self.preprocess_val = create_transform(**data_cfg, is_training=False)
+        # Distillation compares the student with the teacher on the same image: no random
+        # crop or flip, which would make the two views disagree.
+        self.preprocess_train = self.preprocess_val
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, num_features) pooled trunk features."""
+        return self.trunk(images)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, embed_dim) embeddings in the teacher's space."""
+        out = self.proj(self.forward_features(images))
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def image_tower_params(self) -> int:
+        """Parameters of the image tower (trunk and projection)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+class OpenClipStudent(nn.Module):
+    """A small open_clip dual tower (image and text) distilled from a bigger one.
+
+    Args:
+        embed_dim: output width D; set from the teacher by the distillation module. The
+            config's ``embed_dim`` is overridden with it.
+        model_config: open_clip model config (dict or JSON path); its ``embed_dim`` may be omitted.
+        aug_cfg: open_clip training augmentation (None: no augmentation, see ``TimmStudent``).
+    """
+
+    def __init__(self, embed_dim: int, model_config: dict | str, aug_cfg: dict | None = None) -> None:
+        super().__init__()
+        cfg = copy.deepcopy(model_config) if isinstance(model_config, dict) else load_model_config(model_config)
+        cfg = dict(cfg.get("model_cfg", cfg))
+        cfg["embed_dim"] = embed_dim
+        bundle = build_clip(model_config=cfg, aug_cfg=aug_cfg)
+        self.model = bundle.model
+        self.tokenizer = bundle.tokenizer
+        self.preprocess_val = bundle.preprocess_val
+        self.preprocess_train = bundle.preprocess_train if aug_cfg is not None else bundle.preprocess_val
+        self.model_config, self.preprocess_config = bundle.model_config, bundle.preprocess_config
+        self.embed_dim = embed_dim
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """The student's own learnable temperature, exponentiated."""
+        return self.model.logit_scale.exp()
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, embed_dim)."""
+        return self.model.encode_image(images, normalize=normalize)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(M, L) token ids -> (M, embed_dim)."""
+        return self.model.encode_text(tokens, normalize=normalize)
+
+    def image_tower_params(self) -> int:
+        """Parameters of the image tower."""
+        return sum(p.numel() for p in self.model.visual.parameters())

@@ -1,0 +1,177 @@
+"""Distillation of a frozen vision-language teacher into a compact student."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from distill.kd_objectives import LabelCrossEntropy
+from distill.objectives import weighted_sum
+from distill.teachers import Teacher
+
+
+class DistillationModule(pl.LightningModule):
+    """Train a student on a frozen teacher's embeddings with weighted distillation objectives.
+
+    The teacher (frozen, eval mode) and the student each see their own view of the same raw
+    sample (resolution, mean/std) and tokenize with their own tokenizer. The student's width
+    is the teacher's: ``student`` is given without ``embed_dim`` and built here with
+    ``teacher.embed_dim``. Predictions use the teacher's text class bank as the classifier.
+
+    VL2V-ADiP (align, distill, predict): with ``align_steps > 0`` the first steps train on
+    ``align_objectives`` (alignment of the student's features with the teacher's image and
+    text embeddings), the remaining steps on ``objectives``.
+
+    Args:
+        teacher: the frozen teacher (open_clip name + tag, checkpoint, local-dir or config).
+        student: student class and arguments, without ``embed_dim`` (e.g. ``TimmStudent``).
+        objectives: weighted loss terms of the distillation stage (default: labels only).
+        align_objectives: loss terms of the alignment stage (VL2V-ADiP stage 1).
+        align_steps: optimizer steps spent on the alignment stage.
+        templates: zero-shot templates for the training class bank (default: the datamodule's).
+        cache_teacher: keep the teacher's embeddings of each training item in memory after
+            their first computation, so later epochs skip the teacher's forward pass.
+        optimizer: optimizer class and arguments.
+        lr_scheduler: optional scheduler, stepped every optimizer step.
+    """
+
+    def __init__(
+        self,
+        teacher: Teacher,
+        student: Callable[[int], nn.Module],
+        objectives: list[nn.Module] | None = None,
+        align_objectives: list[nn.Module] | None = None,
+        align_steps: int = 0,
+        templates: list[str] | None = None,
+        cache_teacher: bool = True,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["teacher", "student", "objectives", "align_objectives",
+                                          "optimizer", "lr_scheduler"])
+        self.teacher = teacher
+        self.student = student(teacher.embed_dim)
+        width = getattr(self.student, "embed_dim", None)
+        if width != teacher.embed_dim:
+            raise ValueError(f"student embeds into {width} dimensions but the teacher into {teacher.embed_dim}: "
+                             "the student needs a projection to the teacher's width")
+        self.objectives = nn.ModuleList(objectives if objectives is not None else [LabelCrossEntropy()])
+        self.align_objectives = nn.ModuleList(align_objectives or [])
+        if align_steps > 0 and not len(self.align_objectives):
+            raise ValueError("align_steps > 0 needs align_objectives (VL2V-ADiP stage 1)")
+        self.align_steps, self.templates, self.cache_teacher = align_steps, templates, cache_teacher
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        # What the datamodule reads: the student's views and tokenizer, plus the teacher's.
+        self.preprocess_train = self.student.preprocess_train
+        self.preprocess_val = self.student.preprocess_val
+        self.tokenizer = getattr(self.student, "tokenizer", None)
+        self.teacher_preprocess = teacher.preprocess
+        self.teacher_tokenizer = teacher.tokenizer
+        self._cache: dict[str, torch.Tensor] = {}
+
+    # Encoders ------------------------------------------------------------------------------
+    @property
+    def dual_tower(self) -> bool:
+        """Whether the student has a text tower of its own."""
+        return hasattr(self.student, "encode_text")
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Student image embeddings (N, D)."""
+        return self.student.encode_image(images, normalize=normalize)
+
+    def class_bank(self, classnames: Sequence[str], templates: Sequence[str],
+                   descriptors: Mapping[str, Sequence[str]] | None = None) -> torch.Tensor:
+        """The classifier: the teacher's (C, D) text class bank (cached per class list)."""
+        return self.teacher.class_bank(classnames, templates, descriptors)
+
+    def _train_bank(self) -> torch.Tensor:
+        datamodule = self.trainer.datamodule
+        return self.class_bank(datamodule.classnames, self.templates or datamodule.templates)
+
+    @torch.no_grad()
+    def _teacher_embeddings(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher (image, caption) embeddings of the batch, from the cache when filled."""
+        index = batch.get("index")
+        if self.cache_teacher and self.training and index is not None and self._cache:
+            filled = self._cache["filled"][index]
+            if bool(filled.all()):
+                return self._cache["image"][index], self._cache["text"][index]
+        if "teacher_image" not in batch or "teacher_text" not in batch:
+            raise KeyError("batch lacks 'teacher_image'/'teacher_text': the datamodule got no teacher views")
+        image, text = self.teacher.encode_image(batch["teacher_image"]), self.teacher.encode_text(batch["teacher_text"])
+        if self.cache_teacher and self.training and index is not None:
+            if not self._cache:
+                size = len(self.trainer.train_dataloader.dataset)
+                self._cache = {"image": image.new_zeros(size, image.shape[1]),
+                               "text": text.new_zeros(size, text.shape[1]),
+                               "filled": torch.zeros(size, dtype=torch.bool, device=image.device)}
+            self._cache["image"][index], self._cache["text"][index] = image, text
+            self._cache["filled"][index] = True
+        return image, text
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The ``outputs`` dict every objective reads (see ``distill.kd_objectives``)."""
+        t_image, t_text = self._teacher_embeddings(batch)
+        outputs = {
+            "image_embeds": self.encode_image(batch["image"]),
+            "teacher_image_embeds": t_image,
+            "teacher_text_embeds": t_text,
+            "teacher_logit_scale": self.teacher.logit_scale,
+            "logit_scale": self.teacher.logit_scale,
+            "labels": batch["label"],
+        }
+        if self.dual_tower:
+            outputs["text_embeds"] = self.student.encode_text(batch["text"])
+            outputs["logit_scale"] = self.student.logit_scale
+        return outputs
+
+    # Steps -----------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        outputs = self(batch)
+        outputs["class_bank"] = self._train_bank()
+        aligning = self.global_step < self.align_steps
+        loss, terms = weighted_sum(self.align_objectives if aligning else self.objectives, outputs)
+        size = batch["image"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log_dict({f"train/loss_{k}": v for k, v in terms.items()}, batch_size=size)
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor | None]:
+        text = self.student.encode_text(batch["text"]) if self.dual_tower and "text" in batch else None
+        return {"image_embeds": self.encode_image(batch["image"]), "text_embeds": text}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor | None]:
+        return self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor | None]:
+        return self._eval_step(batch)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor | None]:
+        return self._eval_step(batch)
+
+    def configure_optimizers(self) -> Any:
+        decay, no_decay = [], []
+        for name, param in self.student.named_parameters():
+            (no_decay if param.ndim < 2 or "logit_" in name else decay).append(param)
+        optimizer = self.optimizer([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+
+    def state_dict(self, *args, **kwargs) -> dict[str, Any]:
+        # The frozen teacher is rebuilt from its own source; checkpoints hold the student only.
+        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if not k.startswith("teacher.")}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        missing, unexpected = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in missing if not k.startswith("teacher.")]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"student weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
