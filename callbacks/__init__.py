@@ -1,5 +1,6 @@
-"""Lightning callbacks: zero-shot evaluation and friends."""
+"""Lightning callbacks: zero-shot evaluation and the frozen-teacher guard."""
 
+from distill.callbacks.teacher_guard import TeacherFrozenCheck
 from distill.callbacks.zeroshot_callback import ZeroShotEvaluation
 
-__all__ = ["ZeroShotEvaluation"]
+__all__ = ["TeacherFrozenCheck", "ZeroShotEvaluation"]

@@ -60,7 +60,9 @@ class TimmStudent(nn.Module):
         self.trunk = timm.create_model(model_name, pretrained=False, num_classes=0, drop_rate=drop_rate)
         if pretrained is not None:
             timm.models.load_checkpoint(self.trunk, pretrained, strict=False)
-        width = self.trunk.num_features
+        # Pooled output width: models with a pre-logits head (MobileNetV3...) report it as
+        # head_hidden_size, others as num_features.
+        width = getattr(self.trunk, "head_hidden_size", None) or self.trunk.num_features
         if projection == "linear":
             self.proj = nn.Linear(width, embed_dim)
         elif projection == "mlp":

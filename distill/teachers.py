@@ -66,7 +66,7 @@ class Teacher(nn.Module):
         self.bundle = _load(model_name, pretrained, checkpoint, model_config, cache_dir)
         self.model = self.bundle.model
         self.model.requires_grad_(False)
-        self.model.eval()
+        self.eval()
         self._bank_cache: dict[tuple, torch.Tensor] = {}
 
     def train(self, mode: bool = True) -> Teacher:

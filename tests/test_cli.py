@@ -13,17 +13,24 @@ SMALL_DATA = ["--data.init_args.num_train=16", "--data.init_args.num_val=14", "-
               "--data.init_args.batch_size=7"]
 
 
-def _subcommand(config: Path) -> str:
-    match = re.search(r"^#\s+distill (\w+) --config", config.read_text(), re.M)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _command(config: Path) -> list[str]:
+    """The command a config's header comment gives, with config paths made absolute."""
+    match = re.search(r"^#\s+distill (\w+)((?: --config \S+)+)$", config.read_text(), re.M)
     assert match, f"{config} lacks a header line '#   distill <subcommand> --config {config.name}'"
-    return match.group(1)
+    configs = match.group(2).split()[1::2]
+    assert str(config.relative_to(ROOT)) in configs, f"{config}'s header command does not use it"
+    return [match.group(1)] + [arg for c in configs for arg in ("--config", str(ROOT / c))]
 
 
-def _prepare_inputs(config: Path, tiny_config) -> None:
-    """Create, at the relative paths a config names, the small files it expects to exist."""
+def _prepare_inputs(command: list[str], tiny_config) -> None:
+    """Create, at the relative paths the configs name, the small files they expect to exist."""
     from distill.clip_models import build_clip, save_local_dir
 
-    for folder in re.findall(r"local-dir:(\S+)", config.read_text()):
+    texts = [Path(arg).read_text() for arg in command if arg.endswith(".yaml")]
+    for folder in re.findall(r"local-dir:(\S+)", "\n".join(texts)):
         bundle = build_clip(model_config=tiny_config)
         save_local_dir(bundle.model, bundle.model_config, bundle.preprocess_config, folder)
 
@@ -31,8 +38,9 @@ def _prepare_inputs(config: Path, tiny_config) -> None:
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_every_config_runs(config, tmp_path, monkeypatch, tiny_config):
     monkeypatch.chdir(tmp_path)  # configs write to relative run folders
-    _prepare_inputs(config, tiny_config)
-    main([_subcommand(config), "--config", str(config), "--trainer.fast_dev_run=1", *SMALL_DATA])
+    command = _command(config)
+    _prepare_inputs(command, tiny_config)
+    main([*command, "--trainer.fast_dev_run=1", *SMALL_DATA])
 
 
 def test_fit_then_test_then_teacher_from_checkpoint(tmp_path, monkeypatch, tiny_config):
