@@ -1,0 +1,142 @@
+"""Teacher-vs-student report: which distillation recipe keeps the teacher's ID and OOD accuracy.
+
+Trains one student per recipe and seed with ``distill fit`` (the configs in configs/distill/),
+tests each on the ShapesWorld test split (training domains = ID, held-out domains = OOD) and
+writes one table, as JSON and markdown, under ``--out``:
+
+    python benchmarks/distill_report.py                       # 7 rows x 3 seeds
+    python benchmarks/distill_report.py --recipes '[clip_kd]' --seeds '[0]' --out runs/demo/report
+
+Columns: ID top-1, OOD top-1, their retention (student / teacher), student image-tower
+parameters and inference images/s (batch 128, this CPU). Needs the demo teacher
+(``runs/demo/teacher/open_clip``, made by ``make demo``).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from jsonargparse import CLI
+
+from distill.cli import main as distill
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ROOT / "configs" / "distill" / "labels_only.yaml"
+RECIPES = ["labels_only", "fd", "affinity", "icl", "clip_kd", "vl2v_adip"]
+LABELS = {"labels_only": "student, labels only (no KD)", "fd": "FD (labels + feature MSE)",
+          "affinity": "affinity KD (TinyCLIP style)", "icl": "ICL (labels + interactive contrastive)",
+          "clip_kd": "CLIP-KD recipe", "vl2v_adip": "VL2V-ADiP", "openclip_student": "open_clip dual tower, CLIP-KD"}
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def _test_metrics(cli) -> dict[str, float]:
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    callback = next(c for c in cli.trainer.callbacks if hasattr(c, "results"))
+    return callback.results["test"]
+
+
+def _images_per_second(model: torch.nn.Module, size: int, batch: int = 128, repeats: int = 10) -> float:
+    model.eval()
+    images = torch.rand(batch, 3, size, size)
+    with torch.no_grad():
+        for _ in range(2):  # warm-up
+            model.encode_image(images)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.encode_image(images)
+            times.append(time.perf_counter() - start)
+    return batch / statistics.median(times)
+
+
+def _teacher_row(out: Path, teacher: str) -> dict:
+    args = ["test", "--config", str(BASE), "--model=ZeroShotModule", f"--model.init_args.model_name=local-dir:{teacher}",
+            f"--trainer.default_root_dir={out / 'teacher'}", "--trainer.logger=false",
+            "--trainer.callbacks=[{class_path: ZeroShotEvaluation, init_args: {retrieval: false}}]", *QUIET]
+    cli = distill(args)
+    metrics = cli.trainer.callbacks[0].results["test"]
+    visual = cli.model.teacher.model.visual
+    size = cli.model.teacher.bundle.preprocess_config["size"]
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return {"recipe": "teacher", "label": "teacher zero-shot", "id_top1": [metrics["id_top1"]],
+            "ood_top1": [metrics["ood_top1"]], "params": sum(p.numel() for p in visual.parameters()),
+            "images_per_s": _images_per_second(cli.model.teacher, size), "train_seconds": [0.0]}
+
+
+def _student_row(recipe: str, seeds: list[int], out: Path, teacher: str, max_steps: int) -> dict:
+    row: dict = {"recipe": recipe, "label": LABELS.get(recipe, recipe), "id_top1": [], "ood_top1": [],
+                 "train_seconds": []}
+    configs = [BASE] + ([] if recipe == "labels_only" else [ROOT / "configs" / "distill" / f"{recipe}.yaml"])
+    if recipe == "openclip_student":
+        configs.insert(1, ROOT / "configs" / "distill" / "clip_kd.yaml")
+    for seed in seeds:
+        run_dir = out / recipe / f"seed{seed}"
+        args = ["fit", *[a for c in configs for a in ("--config", str(c))], f"--seed_everything={seed}",
+                f"--trainer.max_steps={max_steps}", f"--trainer.default_root_dir={run_dir}",
+                f"--trainer.logger.init_args.save_dir={run_dir}",
+                f"--model.init_args.teacher.model_name=local-dir:{teacher}", *QUIET]
+        start = time.perf_counter()
+        cli = distill(args)
+        row["train_seconds"].append(time.perf_counter() - start)
+        metrics = _test_metrics(cli)
+        row["id_top1"].append(metrics["id_top1"])
+        row["ood_top1"].append(metrics["ood_top1"])
+    student = cli.model.student
+    row["params"] = student.image_tower_params()
+    size = cli.model.student.preprocess_config["size"] if hasattr(student, "preprocess_config") else \
+        student.data_config["input_size"][-1]
+    row["images_per_s"] = _images_per_second(student, size if isinstance(size, int) else size[0])
+    return row
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _markdown(rows: list[dict], teacher: dict, max_steps: int, seeds: list[int]) -> str:
+    t_id, t_ood = teacher["id_top1"][0], teacher["ood_top1"][0]
+    lines = [f"Students: {max_steps} steps each, seeds {seeds}; mean +- std over seeds. "
+             "Retention = student / teacher.", "",
+             "| recipe | ID top-1 | OOD top-1 | ID retention | OOD retention | image params | images/s | train s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in [teacher, *rows]:
+        (i_m, i_s), (o_m, o_s) = _mean_std(row["id_top1"]), _mean_std(row["ood_top1"])
+        lines.append(f"| {row['label']} | {100 * i_m:.1f} +- {100 * i_s:.1f} | {100 * o_m:.1f} +- {100 * o_s:.1f} "
+                     f"| {100 * i_m / t_id:.1f}% | {100 * o_m / t_ood:.1f}% | {row['params'] / 1e6:.2f} M "
+                     f"| {row['images_per_s']:.0f} | {statistics.fmean(row['train_seconds']):.0f} |")
+    return "\n".join(lines)
+
+
+def report(recipes: list[str] | None = None, seeds: list[int] | None = None, max_steps: int = 600,
+           teacher: str = "runs/demo/teacher/open_clip", out: str = "runs/distill_report") -> dict:
+    """Train every recipe for every seed, test them, and write ``report.json`` / ``report.md``.
+
+    Args:
+        recipes: recipe names (files in configs/distill/); default: all six timm recipes.
+        seeds: seeds; default 0, 1, 2.
+        max_steps: optimizer steps per student (the training budget).
+        teacher: the teacher's open_clip local-dir folder.
+        out: output folder.
+    """
+    recipes, seeds = recipes or RECIPES, seeds if seeds is not None else [0, 1, 2]
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not (Path(teacher) / "open_clip_config.json").is_file():
+        raise FileNotFoundError(f"no teacher at {teacher}: run `make demo` (or distill fit --config "
+                                "configs/demo/teacher.yaml) first")
+    teacher_row = _teacher_row(out_dir, teacher)
+    rows = [_student_row(r, seeds, out_dir, teacher, max_steps) for r in recipes]
+    result = {"teacher": teacher_row, "students": rows, "max_steps": max_steps, "seeds": seeds}
+    table = _markdown(rows, teacher_row, max_steps, seeds)
+    (out_dir / "report.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "report.md").write_text(table + "\n")
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    CLI(report, as_positional=False)

@@ -1,0 +1,119 @@
+"""Students, the distillation module and the frozen-teacher guard."""
+
+import pytest
+import torch
+
+from distill.callbacks import TeacherFrozenCheck
+from distill.datamodules import ShapesWorldDataModule
+from distill.datamodules.common import ModelIO
+from distill.kd_objectives import AffinityDistillation, ClassTextAlignment, FeatureDistillation, LabelCrossEntropy
+from distill.modules import DistillationModule
+from distill.students import OpenClipStudent, TimmStudent, check_timm_name
+from distill.teachers import Teacher
+
+STUDENT_TEXT = {"vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+                "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def test_unknown_timm_name_suggests():
+    with pytest.raises(ValueError, match="unknown timm model name 'resnet19'; did you mean"):
+        check_timm_name("resnet19")
+
+
+def test_timm_student_projects_into_the_teachers_width():
+    student = TimmStudent(embed_dim=24, model_name="mobilenetv3_small_050", image_size=48)
+    out = student.encode_image(torch.rand(3, 3, 48, 48))
+    assert out.shape == (3, 24)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(3))
+    assert student.data_config["input_size"] == (3, 48, 48)
+    with pytest.raises(FileNotFoundError, match="timm weights file not found"):
+        TimmStudent(embed_dim=8, model_name="resnet10t", pretrained="missing.pth")
+
+
+def test_open_clip_student_is_dual_tower():
+    student = OpenClipStudent(embed_dim=16, model_config=STUDENT_TEXT)
+    assert student.encode_text(student.tokenizer(["a star"])).shape == (1, 16)
+    assert student.encode_image(torch.rand(2, 3, 32, 32)).shape == (2, 16)
+
+
+def _module(tiny_local_dir, **kwargs):
+    teacher = Teacher(model_name=f"local-dir:{tiny_local_dir}")
+    student = kwargs.pop("student", lambda d: TimmStudent(d, "resnet10t", image_size=32))
+    return DistillationModule(teacher=teacher, student=student, **kwargs)
+
+
+def test_dimension_mismatch_without_projection(tiny_local_dir):
+    class NoProjection(torch.nn.Module):
+        embed_dim = 7
+        preprocess_train = preprocess_val = None
+
+    with pytest.raises(ValueError, match="needs a projection to the teacher's width"):
+        _module(tiny_local_dir, student=lambda d: NoProjection())
+
+
+def _batch(module, n=8):
+    dm = ShapesWorldDataModule(num_train=n, num_val=7, num_test=7, batch_size=n)
+    dm.io = ModelIO.from_model(module)
+    dm.setup("fit")
+    return dm, next(iter(dm.train_dataloader()))
+
+
+def test_teacher_and_student_get_their_own_views(tiny_local_dir):
+    module = _module(tiny_local_dir, student=lambda d: TimmStudent(d, "resnet10t", image_size=48))
+    _, batch = _batch(module)
+    assert batch["image"].shape[-1] == 48 and batch["teacher_image"].shape[-1] == 32
+    assert batch["teacher_text"].shape[1] == 32 and "text" not in batch  # image-only student
+
+
+def test_training_step_logs_every_term_and_stages(tiny_local_dir):
+    module = _module(tiny_local_dir, objectives=[LabelCrossEntropy(), AffinityDistillation()],
+                     align_objectives=[FeatureDistillation(loss="cosine"), ClassTextAlignment()], align_steps=1)
+    dm, batch = _batch(module)
+    logged = {}
+    module.log = lambda k, v, **kw: logged.__setitem__(k, v)
+    module.log_dict = lambda d, **kw: logged.update(d)
+    trainer = type("T", (), {"datamodule": dm, "global_step": 0, "train_dataloader": dm.train_dataloader()})()
+    module._trainer = trainer
+    type(module).global_step = property(lambda self: self._trainer.global_step)
+    try:
+        module.train()
+        module.training_step(batch, 0)
+        assert {"train/loss_fd_cosine", "train/loss_class_text_align"} <= set(logged)
+        trainer.global_step = 1
+        module.training_step(batch, 1)
+        assert {"train/loss_label_ce", "train/loss_affinity"} <= set(logged)
+        assert bool(module._cache["filled"].all())  # teacher embeddings cached after one pass
+    finally:
+        del type(module).global_step
+
+
+def test_checkpoint_holds_the_student_only(tiny_local_dir):
+    module = _module(tiny_local_dir)
+    keys = module.state_dict().keys()
+    assert keys and all(k.startswith("student.") for k in keys)
+    module.load_state_dict(module.state_dict())
+
+
+def test_guard_fails_a_trainable_teacher(tiny_local_dir):
+    module = _module(tiny_local_dir)
+    guard = TeacherFrozenCheck(every_n_steps=1)
+    guard.on_fit_start(None, module)
+    module.teacher.model.text_projection.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="teacher parameters require gradients"):
+        guard.on_train_batch_end(type("T", (), {"global_step": 1})(), module, None, None, 0)
+
+
+def test_guard_fails_changed_teacher_weights(tiny_local_dir):
+    module = _module(tiny_local_dir)
+    guard = TeacherFrozenCheck(every_n_steps=1)
+    guard.on_fit_start(None, module)
+    with torch.no_grad():
+        module.teacher.model.text_projection.add_(1.0)
+    with pytest.raises(RuntimeError, match="teacher weights changed"):
+        guard.on_train_end(None, module)
+
+
+def test_teacher_stays_in_eval_mode_when_module_trains(tiny_local_dir):
+    module = _module(tiny_local_dir)
+    module.train()
+    assert module.student.training and not any(m.training for m in module.teacher.modules())
