@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEACHER := runs/demo/teacher/open_clip
+DEMO_RECIPE ?= clip_kd
 
 .PHONY: venv test demo clean
 
@@ -27,6 +28,7 @@ demo: venv
 		$(BIN)/distill fit --config configs/demo/teacher.yaml; \
 	fi
 	$(BIN)/distill test --config configs/demo/teacher_eval.yaml
+	$(BIN)/python benchmarks/distill_report.py --recipes '[$(DEMO_RECIPE)]' --seeds '[0]' --out runs/demo/report
 
 clean:
 	rm -rf runs lightning_logs

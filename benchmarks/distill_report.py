@@ -67,7 +67,8 @@ def _teacher_row(out: Path, teacher: str) -> dict:
             "images_per_s": _images_per_second(cli.model.teacher, size), "train_seconds": [0.0]}
 
 
-def _student_row(recipe: str, seeds: list[int], out: Path, teacher: str, max_steps: int) -> dict:
+def _student_row(recipe: str, seeds: list[int], out: Path, teacher: str, max_steps: int,
+                 extra_args: list[str]) -> dict:
     row: dict = {"recipe": recipe, "label": LABELS.get(recipe, recipe), "id_top1": [], "ood_top1": [],
                  "train_seconds": []}
     configs = [BASE] + ([] if recipe == "labels_only" else [ROOT / "configs" / "distill" / f"{recipe}.yaml"])
@@ -78,7 +79,7 @@ def _student_row(recipe: str, seeds: list[int], out: Path, teacher: str, max_ste
         args = ["fit", *[a for c in configs for a in ("--config", str(c))], f"--seed_everything={seed}",
                 f"--trainer.max_steps={max_steps}", f"--trainer.default_root_dir={run_dir}",
                 f"--trainer.logger.init_args.save_dir={run_dir}",
-                f"--model.init_args.teacher.model_name=local-dir:{teacher}", *QUIET]
+                f"--model.init_args.teacher.model_name=local-dir:{teacher}", *QUIET, *extra_args]
         start = time.perf_counter()
         cli = distill(args)
         row["train_seconds"].append(time.perf_counter() - start)
@@ -112,7 +113,8 @@ def _markdown(rows: list[dict], teacher: dict, max_steps: int, seeds: list[int])
 
 
 def report(recipes: list[str] | None = None, seeds: list[int] | None = None, max_steps: int = 600,
-           teacher: str = "runs/demo/teacher/open_clip", out: str = "runs/distill_report") -> dict:
+           teacher: str = "runs/demo/teacher/open_clip", out: str = "runs/distill_report",
+           extra_args: list[str] | None = None) -> dict:
     """Train every recipe for every seed, test them, and write ``report.json`` / ``report.md``.
 
     Args:
@@ -121,6 +123,8 @@ def report(recipes: list[str] | None = None, seeds: list[int] | None = None, max
         max_steps: optimizer steps per student (the training budget).
         teacher: the teacher's open_clip local-dir folder.
         out: output folder.
+        extra_args: more ``distill fit`` arguments for every student run, e.g.
+            ``["--model.init_args.student.init_args.model_name=lcnet_050"]``.
     """
     recipes, seeds = recipes or RECIPES, seeds if seeds is not None else [0, 1, 2]
     out_dir = Path(out)
@@ -129,7 +133,7 @@ def report(recipes: list[str] | None = None, seeds: list[int] | None = None, max
         raise FileNotFoundError(f"no teacher at {teacher}: run `make demo` (or distill fit --config "
                                 "configs/demo/teacher.yaml) first")
     teacher_row = _teacher_row(out_dir, teacher)
-    rows = [_student_row(r, seeds, out_dir, teacher, max_steps) for r in recipes]
+    rows = [_student_row(r, seeds, out_dir, teacher, max_steps, list(extra_args or [])) for r in recipes]
     result = {"teacher": teacher_row, "students": rows, "max_steps": max_steps, "seeds": seeds}
     table = _markdown(rows, teacher_row, max_steps, seeds)
     (out_dir / "report.json").write_text(json.dumps(result, indent=2))

@@ -13,9 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 
 def to_float_tensor(image: Image.Image) -> torch.Tensor:
@@ -102,3 +104,24 @@ class ImageTextCollate:
         if self.teacher_tokenizer is not None:
             batch["teacher_text"] = self.teacher_tokenizer(batch["caption"])
         return batch
+
+
+class LoaderMixin(pl.LightningDataModule):
+    """The four Lightning loader hooks over one ``_loader(split, shuffle)`` method."""
+
+    predict_split = "test"
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_split, shuffle=False)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import lightning.pytorch as pl
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from distill.datamodules.common import ModelIO, Views, to_float_tensor
+from distill.datamodules.common import LoaderMixin, ModelIO, Views, to_float_tensor
 
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}."]
 
@@ -55,7 +54,7 @@ class CsvPairsDataset(Dataset):
                 "domain": self.domain_of.get(row.get(self.domain_column) or "default", 0), "index": index}
 
 
-class ImageTextDataModule(pl.LightningDataModule):
+class ImageTextDataModule(LoaderMixin):
     """Image-text pairs listed in CSV files, with optional class and domain columns.
 
     Each CSV has one row per pair: an image path (relative to ``root``), a caption, and
@@ -104,6 +103,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         self.templates = list(templates or DEFAULT_TEMPLATES)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.io = ModelIO()
+        self.predict_split = "test" if test_csv else "val"
 
     def setup(self, stage: str | None = None) -> None:
         """Take the transforms and tokenizer from the model being trained."""
@@ -120,15 +120,3 @@ class ImageTextDataModule(pl.LightningDataModule):
                                   transform=self.io.views(split), **self.columns)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           collate_fn=self.io.collate(split), drop_last=shuffle and len(dataset) > self.batch_size)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test" if "test" in self.rows else "val", shuffle=False)

@@ -6,14 +6,13 @@ import math
 from collections.abc import Sequence
 from typing import Literal
 
-import lightning.pytorch as pl
 import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from distill import shapesworld as sw
-from distill.datamodules.common import ModelIO, Views, to_float_tensor
+from distill.datamodules.common import LoaderMixin, ModelIO, Views, to_float_tensor
 
 ClassSplit = Literal["all", "base", "novel"]
 
@@ -90,7 +89,7 @@ class ShapesWorldDataset(Dataset):
         return {**views, "caption": caption, "label": label, "domain": domain, "index": index}
 
 
-class ShapesWorldDataModule(pl.LightningDataModule):
+class ShapesWorldDataModule(LoaderMixin):
     """ShapesWorld: a procedural, seeded image-text world with domains and class splits.
 
     The training split draws from ``train_domains`` only; validation and test cover the
@@ -219,15 +218,3 @@ class ShapesWorldDataModule(pl.LightningDataModule):
                           num_workers=self.num_workers, collate_fn=self.io.collate(split),
                           drop_last=shuffle and len(self.datasets[split]) > self.batch_size,
                           persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

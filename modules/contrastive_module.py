@@ -12,6 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from distill.clip_models import build_clip, save_local_dir
+from distill.modules._optim import configure_optimizers
 from distill.objectives import InfoNCE, SigLIP, SoftTargetContrastive, weighted_sum
 from distill.teachers import OPEN_CLIP_CKPT_KEY
 
@@ -143,18 +144,7 @@ class ContrastiveModule(pl.LightningModule):
 
     # Optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        # CLIP recipe: no weight decay on gains, biases, embeddings' scale and the temperature.
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            if not param.requires_grad:
-                continue
-            is_gain_or_bias = param.ndim < 2 or "bn" in name or "ln" in name or "logit_" in name
-            (no_decay if is_gain_or_bias else decay).append(param)
-        optimizer = self.optimizer([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
-        if self.lr_scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+        return configure_optimizers(self.model.named_parameters(), self.optimizer, self.lr_scheduler)
 
     # Checkpoints and export ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

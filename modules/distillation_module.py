@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from distill.kd_objectives import LabelCrossEntropy
+from distill.modules._optim import configure_optimizers
 from distill.objectives import weighted_sum
 from distill.teachers import Teacher
 
@@ -156,14 +157,7 @@ class DistillationModule(pl.LightningModule):
         return self._eval_step(batch)
 
     def configure_optimizers(self) -> Any:
-        decay, no_decay = [], []
-        for name, param in self.student.named_parameters():
-            (no_decay if param.ndim < 2 or "logit_" in name else decay).append(param)
-        optimizer = self.optimizer([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
-        if self.lr_scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+        return configure_optimizers(self.student.named_parameters(), self.optimizer, self.lr_scheduler)
 
     def state_dict(self, *args, **kwargs) -> dict[str, Any]:
         # The frozen teacher is rebuilt from its own source; checkpoints hold the student only.
