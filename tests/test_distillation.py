@@ -65,26 +65,24 @@ def test_teacher_and_student_get_their_own_views(tiny_local_dir):
     assert batch["teacher_text"].shape[1] == 32 and "text" not in batch  # image-only student
 
 
-def test_training_step_logs_every_term_and_stages(tiny_local_dir):
+def test_training_logs_every_term_of_both_stages_and_caches_the_teacher(tiny_local_dir):
+    import lightning.pytorch as pl
+
     module = _module(tiny_local_dir, objectives=[LabelCrossEntropy(), AffinityDistillation()],
-                     align_objectives=[FeatureDistillation(loss="cosine"), ClassTextAlignment()], align_steps=1)
-    dm, batch = _batch(module)
-    logged = {}
-    module.log = lambda k, v, **kw: logged.__setitem__(k, v)
-    module.log_dict = lambda d, **kw: logged.update(d)
-    trainer = type("T", (), {"datamodule": dm, "global_step": 0, "train_dataloader": dm.train_dataloader()})()
-    module._trainer = trainer
-    type(module).global_step = property(lambda self: self._trainer.global_step)
-    try:
-        module.train()
-        module.training_step(batch, 0)
-        assert {"train/loss_fd_cosine", "train/loss_class_text_align"} <= set(logged)
-        trainer.global_step = 1
-        module.training_step(batch, 1)
-        assert {"train/loss_label_ce", "train/loss_affinity"} <= set(logged)
-        assert bool(module._cache["filled"].all())  # teacher embeddings cached after one pass
-    finally:
-        del type(module).global_step
+                     align_objectives=[FeatureDistillation(loss="cosine"), ClassTextAlignment()], align_steps=2)
+    dm = ShapesWorldDataModule(num_train=16, num_val=7, num_test=7, batch_size=8)
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         log_every_n_steps=1, callbacks=[TeacherFrozenCheck(every_n_steps=1)])
+    calls = []
+    encode = module.teacher.encode_image
+    module.teacher.encode_image = lambda images: calls.append(len(images)) or encode(images)
+    trainer.fit(module, datamodule=dm)
+    assert calls == [8, 8]  # epoch 1 only: epoch 2 reads the cached teacher embeddings
+    logged = set(trainer.callback_metrics)
+    assert {"train/loss_fd_cosine", "train/loss_class_text_align"} <= logged  # stage 1 (steps 0-1)
+    assert {"train/loss_label_ce", "train/loss_affinity"} <= logged  # stage 2 (steps 2-3)
+    assert bool(module._cache["filled"].all())  # every item's teacher embedding computed once
 
 
 def test_checkpoint_holds_the_student_only(tiny_local_dir):
