@@ -117,3 +117,13 @@ def test_validate_and_predict_with_a_frozen_teacher(tmp_path, monkeypatch, tiny_
     cli = main(["predict", *args])
     predictions = cli.trainer.predict_loop.predictions
     assert predictions[0]["image_embeds"].shape == (7, 32)
+
+
+def test_unknown_timm_student_is_one_clear_line(tmp_path, monkeypatch, capsys, tiny_local_dir):
+    monkeypatch.chdir(tmp_path)
+    config = ROOT / "configs" / "distill" / "labels_only.yaml"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), f"--model.init_args.teacher.model_name=local-dir:{tiny_local_dir}",
+              "--model.init_args.student.init_args.model_name=mobilenetv9_tiny"])
+    err = capsys.readouterr().err
+    assert "distill: error: unknown timm model name 'mobilenetv9_tiny'" in err
