@@ -147,7 +147,7 @@ class ShapesWorldDataModule(LoaderMixin):
         self.eval_labels = split_classes(self.classnames_all, eval_classes or train_classes)
         if not 16 <= image_size <= 1024:
             raise ValueError(f"image_size must be in [16, 1024], got {image_size}")
-        self.hparams_ = dict(image_size=image_size, task=task, num_colours=num_colours,
+        self.world_kwargs = dict(image_size=image_size, task=task, num_colours=num_colours,
                              second_object_prob=second_object_prob, seed=seed)
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.batch_size, self.num_workers, self.cache_images = batch_size, num_workers, cache_images
@@ -209,7 +209,7 @@ class ShapesWorldDataModule(LoaderMixin):
         names = self.train_domain_names if split == "train" else self.train_domain_names + self.ood_domain_names
         labels = self.train_labels if split == "train" else self.eval_labels
         domains = [sw.DOMAINS.index(d) for d in names]
-        return ShapesWorldDataset(split, self.sizes[split], domains, labels, cache=self.cache_images, **self.hparams_)
+        return ShapesWorldDataset(split, self.sizes[split], domains, labels, cache=self.cache_images, **self.world_kwargs)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
