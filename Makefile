@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEACHER := runs/demo/teacher/open_clip
-DEMO_RECIPE ?= clip_kd
+DEMO_RECIPE ?= vl2v_adip
 
 .PHONY: venv test demo clean
 
@@ -28,7 +28,8 @@ demo: venv
 		$(BIN)/distill fit --config configs/demo/teacher.yaml; \
 	fi
 	$(BIN)/distill test --config configs/demo/teacher_eval.yaml
-	$(BIN)/python benchmarks/distill_report.py --recipes '[$(DEMO_RECIPE)]' --seeds '[0]' --out runs/demo/report
+	$(BIN)/python benchmarks/distill_report.py --recipes '[$(DEMO_RECIPE)]' --seeds '[0]' --max_steps 300 \
+		--extra_args '["--model.init_args.align_steps=150"]' --out runs/demo/report
 
 clean:
 	rm -rf runs lightning_logs
