@@ -50,7 +50,6 @@ def test_fit_then_test_then_teacher_from_checkpoint(tmp_path, monkeypatch, tiny_
     from distill.teachers import Teacher
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "model.yaml").write_text(yaml.safe_dump({"model_config": tiny_config}))
     args = ["--model=ContrastiveModule", "--model.init_args.model_config", yaml.safe_dump(tiny_config),
             "--model.init_args.export_dir=exported", "--data=ShapesWorldDataModule", *SMALL_DATA,
             "--trainer.max_steps=2", "--trainer.accelerator=cpu", "--trainer.default_root_dir=run",
