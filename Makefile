@@ -30,6 +30,7 @@ demo: venv
 	$(BIN)/distill test --config configs/demo/teacher_eval.yaml
 	$(BIN)/python benchmarks/distill_report.py --recipes '[$(DEMO_RECIPE)]' --seeds '[0]' --max_steps 300 \
 		--extra_args '["--model.init_args.align_steps=150"]' --out runs/demo/report
+	$(BIN)/python benchmarks/export_report.py --recipe $(DEMO_RECIPE) --runs runs/demo/report --out runs/demo/export
 
 clean:
 	rm -rf runs lightning_logs

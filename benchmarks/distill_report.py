@@ -29,7 +29,8 @@ BASE = ROOT / "configs" / "distill" / "labels_only.yaml"
 RECIPES = ["labels_only", "fd", "affinity", "icl", "clip_kd", "vl2v_adip"]
 LABELS = {"labels_only": "student, labels only (no KD)", "fd": "FD (labels + feature MSE)",
           "affinity": "affinity KD (TinyCLIP style)", "icl": "ICL (labels + interactive contrastive)",
-          "clip_kd": "CLIP-KD recipe", "vl2v_adip": "VL2V-ADiP", "openclip_student": "open_clip dual tower, CLIP-KD"}
+          "clip_kd": "CLIP-KD recipe", "vl2v_adip": "VL2V-ADiP", "openclip_student": "open_clip dual tower, CLIP-KD",
+          "augment": "consistent TrivialAugment"}
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
@@ -69,13 +70,15 @@ def _teacher_row(out: Path, teacher: str) -> dict:
 
 def _student_row(recipe: str, seeds: list[int], out: Path, teacher: str, max_steps: int,
                  extra_args: list[str]) -> dict:
-    row: dict = {"recipe": recipe, "label": LABELS.get(recipe, recipe), "id_top1": [], "ood_top1": [],
-                 "train_seconds": []}
-    configs = [BASE] + ([] if recipe == "labels_only" else [ROOT / "configs" / "distill" / f"{recipe}.yaml"])
-    if recipe == "openclip_student":
+    # "a+b": the overlays a.yaml then b.yaml on the base config (e.g. vl2v_adip+augment).
+    parts = recipe.split("+")
+    row: dict = {"recipe": recipe, "label": " + ".join(LABELS.get(p, p) for p in parts), "id_top1": [],
+                 "ood_top1": [], "train_seconds": []}
+    configs = [BASE] + [ROOT / "configs" / "distill" / f"{p}.yaml" for p in parts if p != "labels_only"]
+    if "openclip_student" in parts:
         configs.insert(1, ROOT / "configs" / "distill" / "clip_kd.yaml")
     for seed in seeds:
-        run_dir = out / recipe / f"seed{seed}"
+        run_dir = out / recipe.replace("+", "_") / f"seed{seed}"
         args = ["fit", *[a for c in configs for a in ("--config", str(c))], f"--seed_everything={seed}",
                 f"--trainer.max_steps={max_steps}", f"--trainer.default_root_dir={run_dir}",
                 f"--trainer.logger.init_args.save_dir={run_dir}",
@@ -114,17 +117,20 @@ def _markdown(rows: list[dict], teacher: dict, max_steps: int, seeds: list[int])
 
 def report(recipes: list[str] | None = None, seeds: list[int] | None = None, max_steps: int = 600,
            teacher: str = "runs/demo/teacher/open_clip", out: str = "runs/distill_report",
-           extra_args: list[str] | None = None) -> dict:
+           extra_args: list[str] | None = None, keep: str | None = None) -> dict:
     """Train every recipe for every seed, test them, and write ``report.json`` / ``report.md``.
 
     Args:
-        recipes: recipe names (files in configs/distill/); default: all six timm recipes.
+        recipes: recipe names (files in configs/distill/, overlays joined by "+", e.g.
+            ``vl2v_adip+augment``); default: the six timm recipes.
         seeds: seeds; default 0, 1, 2.
         max_steps: optimizer steps per student (the training budget).
         teacher: the teacher's open_clip local-dir folder.
         out: output folder.
         extra_args: more ``distill fit`` arguments for every student run, e.g.
             ``["--model.init_args.student.init_args.model_name=lcnet_050"]``.
+        keep: an earlier ``report.json`` made with the same teacher, seeds and steps: its
+            student rows are kept (before the new ones) instead of being retrained.
     """
     recipes, seeds = recipes or RECIPES, seeds if seeds is not None else [0, 1, 2]
     out_dir = Path(out)
@@ -133,7 +139,14 @@ def report(recipes: list[str] | None = None, seeds: list[int] | None = None, max
         raise FileNotFoundError(f"no teacher at {teacher}: run `make demo` (or distill fit --config "
                                 "configs/demo/teacher.yaml) first")
     teacher_row = _teacher_row(out_dir, teacher)
-    rows = [_student_row(r, seeds, out_dir, teacher, max_steps, list(extra_args or [])) for r in recipes]
+    rows = []
+    if keep:
+        earlier = json.loads(Path(keep).read_text())
+        if earlier["seeds"] != seeds or earlier["max_steps"] != max_steps:
+            raise ValueError(f"{keep} was made with seeds {earlier['seeds']} and {earlier['max_steps']} steps, "
+                             f"not {seeds} and {max_steps}")
+        rows = [r for r in earlier["students"] if r["recipe"] not in recipes]
+    rows += [_student_row(r, seeds, out_dir, teacher, max_steps, list(extra_args or [])) for r in recipes]
     result = {"teacher": teacher_row, "students": rows, "max_steps": max_steps, "seeds": seeds}
     table = _markdown(rows, teacher_row, max_steps, seeds)
     (out_dir / "report.json").write_text(json.dumps(result, indent=2))

@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from distill.datamodules.common import LoaderMixin, ModelIO, Views, to_float_tensor
+from distill.datamodules.common import AugmentPolicy, LoaderMixin, ModelIO, Views, build_augment, to_float_tensor
 
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}."]
 
@@ -75,14 +75,18 @@ class ImageTextDataModule(LoaderMixin):
         templates: zero-shot prompt templates with one ``{}``.
         batch_size: batch size.
         num_workers: data loader worker processes.
+        augment: auto-augment policy of training images, applied before the student's and the
+            teacher's transforms so both see the same image.
     """
 
     def __init__(self, root: str, train_csv: str | None = None, val_csv: str | None = None,
                  test_csv: str | None = None, image_column: str = "filepath", caption_column: str = "caption",
                  class_column: str = "classname", domain_column: str = "domain",
                  ood_domains: list[str] | None = None, templates: list[str] | None = None,
-                 batch_size: int = 64, num_workers: int = 0) -> None:
+                 batch_size: int = 64, num_workers: int = 0, augment: AugmentPolicy = "none") -> None:
         super().__init__()
+        build_augment(augment)  # fail on an unknown policy now, not at setup
+        self.augment = augment
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"data root folder not found: {self.root}")
@@ -108,7 +112,7 @@ class ImageTextDataModule(LoaderMixin):
     def setup(self, stage: str | None = None) -> None:
         """Take the transforms and tokenizer from the model being trained."""
         if self.trainer is not None and self.trainer.lightning_module is not None:
-            self.io = ModelIO.from_model(self.trainer.lightning_module)
+            self.io = ModelIO.from_model(self.trainer.lightning_module, build_augment(self.augment))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.rows:

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from distill import shapesworld as sw
-from distill.datamodules.common import LoaderMixin, ModelIO, Views, to_float_tensor
+from distill.datamodules.common import AugmentPolicy, LoaderMixin, ModelIO, Views, build_augment, to_float_tensor
 
 ClassSplit = Literal["all", "base", "novel"]
 
@@ -115,6 +115,9 @@ class ShapesWorldDataModule(LoaderMixin):
         num_workers: data loader worker processes.
         seed: world seed: the same seed gives the same items on every machine.
         cache_images: render all items once in ``setup`` (fast) rather than on every access.
+        augment: auto-augment policy of training images (torchvision TrivialAugmentWide,
+            RandAugment or AugMix), applied before the student's and the teacher's transforms so
+            both see the same image (consistent teaching).
     """
 
     def __init__(
@@ -134,8 +137,11 @@ class ShapesWorldDataModule(LoaderMixin):
         num_workers: int = 0,
         seed: int = 0,
         cache_images: bool = True,
+        augment: AugmentPolicy = "none",
     ) -> None:
         super().__init__()
+        build_augment(augment)  # fail on an unknown policy now, not at setup
+        self.augment = augment
         self.train_domain_names = self._check_domains(train_domains or list(sw.DOMAINS), "train_domains")
         default_ood = [d for d in sw.DOMAINS if d not in self.train_domain_names]
         self.ood_domain_names = self._check_domains(default_ood if ood_domains is None else ood_domains, "ood_domains")
@@ -196,7 +202,7 @@ class ShapesWorldDataModule(LoaderMixin):
     def setup(self, stage: str | None = None) -> None:
         """Render the splits the stage needs and take transforms/tokenizer from the model."""
         if self.trainer is not None and self.trainer.lightning_module is not None:
-            self.io = ModelIO.from_model(self.trainer.lightning_module)
+            self.io = ModelIO.from_model(self.trainer.lightning_module, build_augment(self.augment))
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}
         for split in wanted.get(stage, ["train", "val", "test"]):
             self.datasets[split] = self._make(split)

@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+import distill
+
 from distill.clip_models import build_clip, save_local_dir
 from distill.modules._optim import configure_optimizers
 from distill.objectives import InfoNCE, SigLIP, SoftTargetContrastive, weighted_sum
@@ -149,6 +151,7 @@ class ContrastiveModule(pl.LightningModule):
     # Checkpoints and export ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[OPEN_CLIP_CKPT_KEY] = self.open_clip_config
+        checkpoint["distill"] = {"module": type(self).__name__, "version": distill.__version__}
 
     def on_fit_end(self) -> None:
         if self.export_dir and self.trainer.is_global_zero:

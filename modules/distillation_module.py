@@ -10,6 +10,8 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+import distill
+
 from distill.kd_objectives import LabelCrossEntropy
 from distill.modules._optim import configure_optimizers
 from distill.objectives import weighted_sum
@@ -36,7 +38,8 @@ class DistillationModule(pl.LightningModule):
         align_steps: optimizer steps spent on the alignment stage.
         templates: zero-shot templates for the training class bank (default: the datamodule's).
         cache_teacher: keep the teacher's embeddings of each training item in memory after
-            their first computation, so later epochs skip the teacher's forward pass.
+            their first computation, so later epochs skip the teacher's forward pass. Batches
+            of randomly augmented images (``batch["augmented"]``) always run the teacher.
         optimizer: optimizer class and arguments.
         lr_scheduler: optional scheduler, stepped every optimizer step.
     """
@@ -97,24 +100,41 @@ class DistillationModule(pl.LightningModule):
 
     @torch.no_grad()
     def _teacher_embeddings(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher (image, caption) embeddings of the batch, from the cache when filled."""
-        index = batch.get("index")
-        if self.cache_teacher and self.training and index is not None and self._cache:
-            filled = self._cache["filled"][index]
-            if bool(filled.all()):
-                return self._cache["image"][index], self._cache["text"][index]
+        """Teacher (image, caption) embeddings of the batch, from the cache when filled.
+
+        Caption embeddings are cached per item; image embeddings only while the images are
+        not randomly augmented (an augmented image differs every epoch).
+        """
         if "teacher_image" not in batch or "teacher_text" not in batch:
             raise KeyError("batch lacks 'teacher_image'/'teacher_text': the datamodule got no teacher views")
-        image, text = self.teacher.encode_image(batch["teacher_image"]), self.teacher.encode_text(batch["teacher_text"])
-        if self.cache_teacher and self.training and index is not None:
-            if not self._cache:
-                size = len(self.trainer.train_dataloader.dataset)
-                self._cache = {"image": image.new_zeros(size, image.shape[1]),
-                               "text": text.new_zeros(size, text.shape[1]),
-                               "filled": torch.zeros(size, dtype=torch.bool, device=image.device)}
-            self._cache["image"][index], self._cache["text"][index] = image, text
-            self._cache["filled"][index] = True
+        index = batch.get("index")
+        use_cache = self.cache_teacher and self.training and index is not None
+        image_cacheable = use_cache and not batch.get("augmented", False)
+        image = self._cached("image", index) if image_cacheable else None
+        text = self._cached("text", index) if use_cache else None
+        if image is None:
+            image = self.teacher.encode_image(batch["teacher_image"])
+            if image_cacheable:
+                self._store("image", index, image)
+        if text is None:
+            text = self.teacher.encode_text(batch["teacher_text"])
+            if use_cache:
+                self._store("text", index, text)
         return image, text
+
+    def _cached(self, kind: str, index: torch.Tensor) -> torch.Tensor | None:
+        """Cached (B, D) teacher embeddings of ``kind`` for these items, if all are filled."""
+        if kind not in self._cache or not bool(self._cache[kind + "_filled"][index].all()):
+            return None
+        return self._cache[kind][index]
+
+    def _store(self, kind: str, index: torch.Tensor, values: torch.Tensor) -> None:
+        if kind not in self._cache:
+            size = len(self.trainer.train_dataloader.dataset)
+            self._cache[kind] = values.new_zeros(size, values.shape[1])
+            self._cache[kind + "_filled"] = torch.zeros(size, dtype=torch.bool, device=values.device)
+        self._cache[kind][index] = values
+        self._cache[kind + "_filled"][index] = True
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The ``outputs`` dict every objective reads (see ``distill.kd_objectives``)."""
@@ -158,6 +178,10 @@ class DistillationModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return configure_optimizers(self.student.named_parameters(), self.optimizer, self.lr_scheduler)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Marks the file as ours: ``distill export`` checks it before loading weights.
+        checkpoint["distill"] = {"module": type(self).__name__, "version": distill.__version__}
 
     def state_dict(self, *args, **kwargs) -> dict[str, Any]:
         # The frozen teacher is rebuilt from its own source; checkpoints hold the student only.

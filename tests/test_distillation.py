@@ -82,7 +82,28 @@ def test_training_logs_every_term_of_both_stages_and_caches_the_teacher(tiny_loc
     logged = set(trainer.callback_metrics)
     assert {"train/loss_fd_cosine", "train/loss_class_text_align"} <= logged  # stage 1 (steps 0-1)
     assert {"train/loss_label_ce", "train/loss_affinity"} <= logged  # stage 2 (steps 2-3)
-    assert bool(module._cache["filled"].all())  # every item's teacher embedding computed once
+    assert bool(module._cache["image_filled"].all())  # every item's teacher embedding computed once
+
+
+def test_consistent_augmentation_feeds_both_views_and_bypasses_the_teacher_cache(tiny_local_dir):
+    import lightning.pytorch as pl
+
+    module = _module(tiny_local_dir)
+    dm = ShapesWorldDataModule(num_train=16, num_val=7, num_test=7, batch_size=8, augment="trivialaugment")
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    calls = []
+    encode = module.teacher.encode_image
+    module.teacher.encode_image = lambda images: calls.append(len(images)) or encode(images)
+    trainer.fit(module, datamodule=dm)
+    assert calls == [8, 8, 8, 8]  # augmented images change every epoch: the teacher always runs
+    assert "image" not in module._cache and bool(module._cache["text_filled"].all())  # captions do not change
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["augmented"] and batch["teacher_image"].shape[-1] == 32
+    val_batch = next(iter(dm.val_dataloader()))
+    assert not val_batch["augmented"]
+    with pytest.raises(ValueError, match="augment must be one of"):
+        ShapesWorldDataModule(augment="autoaugment")
 
 
 def test_checkpoint_holds_the_student_only(tiny_local_dir):
