@@ -26,6 +26,8 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from tqdm.auto import tqdm
 
+from distill.export.onnx_export import strip_debug_info
+
 # Node types that compute in integer arithmetic in onnxruntime's CPU provider.
 INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
                "DynamicQuantizeMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
@@ -79,6 +81,7 @@ def quantize_int8_dynamic(fp32_path: str | Path, out_path: str | Path, per_chann
     with tempfile.TemporaryDirectory() as tmp:
         quantize_dynamic(_prepared(fp32_path, tmp), str(out_path), weight_type=QuantType.QInt8,
                          per_channel=per_channel)
+    strip_debug_info(out_path)
     return Path(out_path)
 
 
@@ -107,6 +110,7 @@ def quantize_int8_static(fp32_path: str | Path, out_path: str | Path, calibratio
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=methods[method],
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    strip_debug_info(out_path)
     return Path(out_path)
 
 
