@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEACHER := runs/demo/teacher/open_clip
-DEMO_RECIPE ?= vl2v_adip
+DEMO_RECIPE ?= vl2v_adip+augment
 
 .PHONY: venv test demo clean
 

@@ -136,17 +136,19 @@ class DistillationModule(pl.LightningModule):
         self._cache[kind][index] = values
         self._cache[kind + "_filled"][index] = True
 
-    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The ``outputs`` dict every objective reads (see ``distill.kd_objectives``)."""
-        t_image, t_text = self._teacher_embeddings(batch)
+    def forward(self, batch: dict[str, Any], with_teacher: bool = True) -> dict[str, torch.Tensor]:
+        """The ``outputs`` dict every objective reads (see ``distill.kd_objectives``).
+
+        With ``with_teacher=False`` the teacher's embeddings are left out (and not computed).
+        """
         outputs = {
             "image_embeds": self.encode_image(batch["image"]),
-            "teacher_image_embeds": t_image,
-            "teacher_text_embeds": t_text,
             "teacher_logit_scale": self.teacher.logit_scale,
             "logit_scale": self.teacher.logit_scale,
             "labels": batch["label"],
         }
+        if with_teacher:
+            outputs["teacher_image_embeds"], outputs["teacher_text_embeds"] = self._teacher_embeddings(batch)
         if self.dual_tower:
             outputs["text_embeds"] = self.student.encode_text(batch["text"])
             outputs["logit_scale"] = self.student.logit_scale
@@ -154,10 +156,11 @@ class DistillationModule(pl.LightningModule):
 
     # Steps -----------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        outputs = self(batch)
+        objectives = self.align_objectives if self.global_step < self.align_steps else self.objectives
+        # Labels alone read only the class bank: skip the teacher's per-batch forward pass.
+        outputs = self(batch, with_teacher=not all(isinstance(o, LabelCrossEntropy) for o in objectives))
         outputs["class_bank"] = self._train_bank()
-        aligning = self.global_step < self.align_steps
-        loss, terms = weighted_sum(self.align_objectives if aligning else self.objectives, outputs)
+        loss, terms = weighted_sum(objectives, outputs)
         size = batch["image"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log_dict({f"train/loss_{k}": v for k, v in terms.items()}, batch_size=size)

@@ -85,18 +85,22 @@ def test_training_logs_every_term_of_both_stages_and_caches_the_teacher(tiny_loc
     assert bool(module._cache["image_filled"].all())  # every item's teacher embedding computed once
 
 
-def test_consistent_augmentation_feeds_both_views_and_bypasses_the_teacher_cache(tiny_local_dir):
+def _teacher_calls(module, dm, steps=4):
     import lightning.pytorch as pl
 
-    module = _module(tiny_local_dir)
-    dm = ShapesWorldDataModule(num_train=16, num_val=7, num_test=7, batch_size=8, augment="trivialaugment")
-    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     calls = []
     encode = module.teacher.encode_image
     module.teacher.encode_image = lambda images: calls.append(len(images)) or encode(images)
     trainer.fit(module, datamodule=dm)
-    assert calls == [8, 8, 8, 8]  # augmented images change every epoch: the teacher always runs
+    return calls
+
+
+def test_consistent_augmentation_feeds_both_views_and_bypasses_the_teacher_cache(tiny_local_dir):
+    module = _module(tiny_local_dir, objectives=[LabelCrossEntropy(), FeatureDistillation()])
+    dm = ShapesWorldDataModule(num_train=16, num_val=7, num_test=7, batch_size=8, augment="trivialaugment")
+    assert _teacher_calls(module, dm) == [8, 8, 8, 8]  # augmented images change every epoch: no image cache
     assert "image" not in module._cache and bool(module._cache["text_filled"].all())  # captions do not change
     batch = next(iter(dm.train_dataloader()))
     assert batch["augmented"] and batch["teacher_image"].shape[-1] == 32
@@ -104,6 +108,8 @@ def test_consistent_augmentation_feeds_both_views_and_bypasses_the_teacher_cache
     assert not val_batch["augmented"]
     with pytest.raises(ValueError, match="augment must be one of"):
         ShapesWorldDataModule(augment="autoaugment")
+    labels_only = _module(tiny_local_dir)  # reads only the class bank: the teacher never runs per batch
+    assert _teacher_calls(labels_only, ShapesWorldDataModule(num_train=16, num_val=7, num_test=7, batch_size=8)) == []
 
 
 def test_checkpoint_holds_the_student_only(tiny_local_dir):
