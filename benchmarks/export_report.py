@@ -29,7 +29,9 @@ CONFIGS = ROOT / "configs" / "distill"
 
 
 def newest_checkpoint(folder: Path) -> Path:
-    """The most recently written ``*.ckpt`` under ``folder``."""
+    """``final.ckpt`` (the trained student distill_report.py tested) under ``folder``, else the newest."""
+    if (folder / "final.ckpt").is_file():
+        return folder / "final.ckpt"
     found = sorted(folder.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise FileNotFoundError(f"no checkpoint under {folder}: run `make demo` or distill a student first")
@@ -44,7 +46,7 @@ def report(recipe: str = "vl2v_adip", ckpt: str | None = None, runs: str = "runs
     Args:
         recipe: the student's recipe (its configs in configs/distill/, joined by "+", are laid
             over labels_only.yaml).
-        ckpt: the student's checkpoint; default: the newest under ``runs/<recipe>/seed0``.
+        ckpt: the student's checkpoint; default: ``runs/<recipe>/seed0/final.ckpt``.
         runs: where distill_report.py trained the students.
         teacher: the teacher's open_clip local-dir folder (for the class bank).
         out: output folder; the edge bundle goes to ``out/bundle``.
