@@ -1,5 +1,13 @@
-"""Similarity engine (fused contrastive / distillation losses at O(N+M) memory).
+"""Similarity engine: contrastive and distillation losses at O(N + M) memory.
 
-Not built yet: the objectives in ``distill.objectives`` compute their logits directly until the
-engine lands (see the project's issue tracker).
+Ops (each on (N, D) x (M, D) embeddings, scalar loss with autograd): :func:`infonce_loss`,
+:func:`siglip_loss`, :func:`kd_loss`, plus :func:`similarity_topk` for evaluation. Each takes
+``backend="auto" | "reference" | "tiled" | "cuda"``; the CUDA extension is compiled on first
+use (:func:`load_cuda`), never at import or install. Imports only torch.
 """
+
+from ._build import build_cuda, cuda_is_loaded, load_cuda
+from .ops import AUTO_TILED_MIN_ELEMENTS, BACKENDS, infonce_loss, kd_loss, resolve_backend, siglip_loss, similarity_topk
+
+__all__ = ["infonce_loss", "siglip_loss", "kd_loss", "similarity_topk", "resolve_backend", "load_cuda",
+           "build_cuda", "cuda_is_loaded", "BACKENDS", "AUTO_TILED_MIN_ELEMENTS"]

@@ -15,6 +15,8 @@ Families (REFERENCE section 1): feature mimicry (:class:`FeatureDistillation`), 
 affinity KD (:class:`AffinityDistillation`, CLIP-KD's CRD, TinyCLIP's affinity mimicking),
 interactive contrastive (:class:`InteractiveContrastive`), logit KD on the class bank
 (:class:`LogitDistillation`), and the labelled task loss (:class:`LabelCrossEntropy`).
+The similarity losses (affinity, ICL, logit KD) compute through the similarity engine
+(``distill.cuda_ext``); ``backend`` picks its implementation.
 """
 
 from __future__ import annotations
@@ -25,16 +27,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from distill.objectives import Objective
+from distill.cuda_ext import infonce_loss, kd_loss
+from distill.objectives import Objective, _check_backend
 
 __all__ = ["FeatureDistillation", "AffinityDistillation", "InteractiveContrastive", "LogitDistillation",
            "LabelCrossEntropy", "ClassTextAlignment"]
-
-
-def _kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of KL(softmax(teacher) || softmax(student)); (N, M) inputs."""
-    teacher_logp = teacher_logits.log_softmax(dim=1)
-    return (teacher_logp.exp() * (teacher_logp - student_logits.log_softmax(dim=1))).sum(dim=1).mean()
 
 
 def _student_text(outputs: Mapping[str, torch.Tensor], obj: Objective) -> torch.Tensor:
@@ -95,15 +92,18 @@ class AffinityDistillation(Objective):
         weight: multiplier applied by ``weighted_sum``.
         temperature: shared softmax temperature, or None to use the logit scales.
         name: log key; defaults to ``affinity``.
+        backend: similarity engine backend: ``auto``, ``reference``, ``tiled`` or ``cuda``.
     """
 
     default_name = "affinity"
 
-    def __init__(self, weight: float = 1.0, temperature: float | None = None, name: str | None = None) -> None:
+    def __init__(self, weight: float = 1.0, temperature: float | None = None, name: str | None = None,
+                 backend: str = "auto") -> None:
         super().__init__(weight=weight, name=name)
         if temperature is not None and not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
+        self.backend = _check_backend(backend)
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         s_img, s_txt = self._get(outputs, "image_embeds"), _student_text(outputs, self)
@@ -112,9 +112,8 @@ class AffinityDistillation(Objective):
             s_scale, t_scale = self._get(outputs, "logit_scale"), self._get(outputs, "teacher_logit_scale")
         else:
             s_scale = t_scale = 1.0 / self.temperature
-        student = s_scale * s_img @ s_txt.T
-        teacher = (t_scale * t_img @ t_txt.T).detach()
-        return (_kl_rows(teacher, student) + _kl_rows(teacher.T, student.T)) / 2
+        t_img, t_txt = t_img.to(s_img.dtype), t_txt.to(s_img.dtype)
+        return kd_loss(s_img, s_txt, t_img, t_txt, s_scale, t_scale, kind="kl", backend=self.backend)
 
 
 class InteractiveContrastive(Objective):
@@ -128,18 +127,19 @@ class InteractiveContrastive(Objective):
         weight: multiplier applied by ``weighted_sum``.
         temperature: softmax temperature, or None for the teacher's logit scale.
         name: log key; defaults to ``icl``.
+        backend: similarity engine backend: ``auto``, ``reference``, ``tiled`` or ``cuda``.
     """
 
     default_name = "icl"
 
-    def __init__(self, weight: float = 1.0, temperature: float | None = None, name: str | None = None) -> None:
+    def __init__(self, weight: float = 1.0, temperature: float | None = None, name: str | None = None,
+                 backend: str = "auto") -> None:
         super().__init__(weight=weight, name=name)
         self.temperature = temperature
+        self.backend = _check_backend(backend)
 
     def _info_nce(self, a: torch.Tensor, b: torch.Tensor, scale) -> torch.Tensor:
-        logits = scale * a @ b.T
-        labels = torch.arange(a.shape[0], device=a.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        return infonce_loss(a, b.to(a.dtype), scale, backend=self.backend)
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         scale = 1.0 / self.temperature if self.temperature else self._get(outputs, "teacher_logit_scale")
@@ -159,21 +159,28 @@ class LogitDistillation(Objective):
         weight: multiplier applied by ``weighted_sum``.
         temperature: softening temperature T.
         name: log key; defaults to ``logit_kd``.
+        backend: similarity engine backend: ``auto``, ``reference``, ``tiled`` or ``cuda``.
     """
 
     default_name = "logit_kd"
 
-    def __init__(self, weight: float = 1.0, temperature: float = 2.0, name: str | None = None) -> None:
+    def __init__(self, weight: float = 1.0, temperature: float = 2.0, name: str | None = None,
+                 backend: str = "auto") -> None:
         super().__init__(weight=weight, name=name)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
+        self.backend = _check_backend(backend)
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         bank, scale = self._get(outputs, "class_bank"), self._get(outputs, "teacher_logit_scale")
-        student = scale * self._get(outputs, "image_embeds") @ bank.T / self.temperature
-        teacher = (scale * self._get(outputs, "teacher_image_embeds") @ bank.T / self.temperature).detach()
-        return _kl_rows(teacher, student) * self.temperature ** 2
+        img = self._get(outputs, "image_embeds")
+        bank, teacher_img = bank.to(img.dtype), self._get(outputs, "teacher_image_embeds").to(img.dtype)
+        # Row-only KD over the (N, C) class logits: the bank is both sides' "text".
+        s = scale / self.temperature
+        loss = kd_loss(img, bank, teacher_img, bank.detach(), s, s, row_weight=1.0, col_weight=0.0,
+                       kind="kl", backend=self.backend)
+        return loss * self.temperature ** 2
 
 
 class LabelCrossEntropy(Objective):

@@ -6,7 +6,10 @@ already-exponentiated scalar ``logit_scale`` and, depending on the loss,
 ``logit_bias`` or ``target_similarity``) and returns the unweighted scalar
 loss. ``weighted_sum`` combines several objectives using their ``weight`` and
 returns per-objective values keyed by ``name`` for logging. Plain PyTorch,
-single process (no cross-device feature gathering).
+single process (no cross-device feature gathering). InfoNCE and SigLIP compute
+through the similarity engine (``distill.cuda_ext``); their ``backend`` picks
+the implementation (``auto``: tiled/CUDA for large batches, the plain formula
+for small ones), with results equal within float tolerance.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from distill.cuda_ext import BACKENDS, infonce_loss, siglip_loss
 
 __all__ = ["Objective", "InfoNCE", "SigLIP", "DCL", "SoftTargetContrastive", "weighted_sum"]
 
@@ -72,6 +76,13 @@ class Objective(nn.Module):
 
     def _logits(self, outputs: Mapping[str, torch.Tensor], max_logit_scale: float | None) -> torch.Tensor:
         """Return (N, N) logits ``scale * image_embeds @ text_embeds.T``."""
+        img, txt, scale = self._pair_and_scale(outputs, max_logit_scale)
+        return scale * img @ txt.T
+
+    def _pair_and_scale(
+        self, outputs: Mapping[str, torch.Tensor], max_logit_scale: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Validated (N, D) image and text embeddings and the 0-d (clamped) logit scale."""
         img = self._get(outputs, "image_embeds")
         txt = self._get(outputs, "text_embeds")
         _check_pair(img, txt)
@@ -81,7 +92,13 @@ class Objective(nn.Module):
         scale = scale.reshape(())
         if max_logit_scale is not None:
             scale = torch.clamp(scale, max=max_logit_scale)  # zero gradient above the cap
-        return scale * img @ txt.T
+        return img, txt, scale
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
 
 
 def _check_max_scale(max_logit_scale: float) -> float:
@@ -101,18 +118,20 @@ class InfoNCE(Objective):
         weight: Multiplier applied by ``weighted_sum``.
         max_logit_scale: Cap on the exponentiated logit scale (CLIP uses 100).
         name: Log key; defaults to "infonce".
+        backend: Similarity engine backend: ``auto``, ``reference``, ``tiled`` or ``cuda``.
     """
 
     default_name = "infonce"
 
-    def __init__(self, weight: float = 1.0, max_logit_scale: float = 100.0, name: str | None = None) -> None:
+    def __init__(self, weight: float = 1.0, max_logit_scale: float = 100.0, name: str | None = None,
+                 backend: str = "auto") -> None:
         super().__init__(weight=weight, name=name)
         self.max_logit_scale = _check_max_scale(max_logit_scale)
+        self.backend = _check_backend(backend)
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self._logits(outputs, self.max_logit_scale)
-        labels = torch.arange(logits.shape[0], device=logits.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        img, txt, scale = self._pair_and_scale(outputs, self.max_logit_scale)
+        return infonce_loss(img, txt, scale, backend=self.backend)
 
 
 class SigLIP(Objective):
@@ -125,19 +144,24 @@ class SigLIP(Objective):
     Args:
         weight: Multiplier applied by ``weighted_sum``.
         name: Log key; defaults to "siglip".
+        backend: Similarity engine backend: ``auto``, ``reference``, ``tiled`` or ``cuda``.
     """
 
     default_name = "siglip"
+
+    def __init__(self, weight: float = 1.0, name: str | None = None, backend: str = "auto") -> None:
+        super().__init__(weight=weight, name=name)
+        self.backend = _check_backend(backend)
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         bias = self._get(
             outputs, "logit_bias", hint="build the model with init_logit_bias, e.g. -10"
         )
-        logits = self._logits(outputs, None)
-        logits = logits + torch.as_tensor(bias, dtype=logits.dtype, device=logits.device).reshape(())
-        n = logits.shape[0]
-        labels = 2 * torch.eye(n, dtype=logits.dtype, device=logits.device) - 1
-        return -F.logsigmoid(labels * logits).sum() / n
+        img, txt, scale = self._pair_and_scale(outputs, None)
+        bias = torch.as_tensor(bias, dtype=img.dtype, device=img.device)
+        if bias.numel() != 1:
+            raise ValueError(f"logit_bias must be a scalar, got shape {tuple(bias.shape)}")
+        return siglip_loss(img, txt, scale, bias.reshape(()), backend=self.backend)
 
 
 class DCL(Objective):

@@ -16,6 +16,8 @@ from pathlib import Path
 import open_clip
 import torch
 
+from distill.cuda_ext import similarity_topk
+
 
 def load_descriptors(path: str | os.PathLike, classnames: Sequence[str] | None = None) -> dict[str, list[str]]:
     """Read a descriptor JSON file: ``{"classname": ["descriptor", ...], ...}``.
@@ -99,5 +101,28 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] =
     """
     k_max = min(max(ks), logits.shape[1])
     top = logits.topk(k_max, dim=1).indices
+    hits = top == labels[:, None]
+    return {k: hits[:, : min(k, k_max)].any(dim=1) for k in ks}
+
+
+def topk_correct_embeds(image_embeds: torch.Tensor, class_bank: torch.Tensor, labels: torch.Tensor,
+                        ks: Sequence[int] = (1, 5), backend: str = "auto") -> dict[int, torch.Tensor]:
+    """``topk_correct`` of ``image_embeds @ class_bank.T`` without building the (N, C) logits.
+
+    Uses the similarity engine's fused top-k (``distill.cuda_ext.similarity_topk``); a logit
+    scale does not change the ranking, so none is needed.
+
+    Args:
+        image_embeds: (N, D) image embeddings.
+        class_bank: (C, D) class embeddings.
+        labels: (N,) integer labels.
+        ks: the k values; k larger than C counts as C.
+        backend: similarity engine backend (``auto``, ``reference``, ``tiled``, ``cuda``).
+
+    Returns:
+        ``{k: (N,) bool}``: whether the label is among the k best classes.
+    """
+    k_max = min(max(ks), class_bank.shape[0])
+    _, top = similarity_topk(image_embeds, class_bank.to(image_embeds.dtype), k_max, backend=backend)
     hits = top == labels[:, None]
     return {k: hits[:, : min(k, k_max)].any(dim=1) for k in ks}

@@ -1,0 +1,115 @@
+"""Lazy build of the C++/CUDA sources in ``csrc/`` with ``torch.utils.cpp_extension.load``.
+
+Nothing is compiled at import or install: the first ``backend="cuda"`` call (or ``auto`` on
+CUDA tensors) compiles once per machine into torch's extension cache (about a minute) and
+registers ``torch.ops.distill_cuda.*``. The CPU path never needs nvcc.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import _registry
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = ("similarity.cpp", "similarity_kd.cpp", "similarity_kernels.cu")
+EXTENSION_NAME = "distill_similarity_cuda"
+_state: dict[str, object] = {"loaded": False, "error": None}
+
+
+def cuda_is_loaded() -> bool:
+    """Whether ``torch.ops.distill_cuda`` is registered in this process."""
+    return bool(_state["loaded"])
+
+
+def build_cuda(build_directory: str | os.PathLike | None = None, verbose: bool = False) -> None:
+    """Compile and load the extension (no GPU needed to compile; set TORCH_CUDA_ARCH_LIST to pick targets).
+
+    Args:
+        build_directory: where ninja builds; default: torch's extension cache.
+        verbose: print the compiler commands.
+
+    Raises:
+        RuntimeError: torch is a CPU-only build, nvcc is not found, or compilation fails.
+    """
+    if _state["loaded"]:
+        return
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        raise RuntimeError("backend 'cuda' cannot be built: this torch is a CPU-only build")
+    if cpp_extension.CUDA_HOME is None:
+        raise RuntimeError("backend 'cuda' cannot be built: nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    _fix_cuda_home(cpp_extension)
+    if build_directory is not None:
+        Path(build_directory).mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=EXTENSION_NAME,
+        sources=[str(CSRC / s) for s in SOURCES],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "-lineinfo"],
+        build_directory=None if build_directory is None else str(build_directory),
+        is_python_module=False,
+        verbose=verbose,
+    )
+    _registry.register("distill_cuda")
+    _state["loaded"] = True
+
+
+def _has_cudart(home: Path) -> bool:
+    return any((home / sub / "libcudart.so").exists() for sub in ("lib64", "lib"))
+
+
+def _fix_cuda_home(cpp_extension) -> None:
+    """Point torch at a toolkit folder that holds libcudart when its guess does not.
+
+    torch guesses CUDA_HOME as nvcc's grandparent; an nvcc installed as /usr/local/bin/nvcc
+    gives /usr/local, where the linker misses -lcudart although /usr/local/cuda has it.
+    """
+    home = Path(cpp_extension.CUDA_HOME)
+    if "CUDA_HOME" in os.environ or _has_cudart(home):
+        return
+    candidates = [(home / "bin" / "nvcc").resolve().parent.parent, Path("/usr/local/cuda")]
+    candidates += sorted(Path("/usr/local").glob("cuda-*"), reverse=True)
+    for cand in candidates:
+        if _has_cudart(cand) and (cand / "bin" / "nvcc").exists():
+            cpp_extension.CUDA_HOME = str(cand)
+            return
+
+
+def load() -> None:
+    """Build/load the extension for ``backend="cuda"``.
+
+    Raises:
+        RuntimeError: naming the backend and the reason (no device, no nvcc, build error).
+    """
+    if _state["loaded"]:
+        return
+    if not torch.cuda.is_available():
+        raise RuntimeError("backend='cuda' is not available: no CUDA device (torch.cuda.is_available() is False)")
+    try:
+        build_cuda()
+    except Exception as err:  # noqa: BLE001 - any build failure gets one clear message
+        _state["error"] = err
+        raise RuntimeError(f"backend='cuda' is not built and building it failed: {err}") from err
+
+
+def try_load() -> bool:
+    """For ``auto``: load the extension if possible; warn once and return False otherwise."""
+    if _state["loaded"]:
+        return True
+    if _state["error"] is not None:
+        return False
+    try:
+        load()
+    except RuntimeError as err:
+        warnings.warn(f"{err}; backend='auto' uses the tiled PyTorch path instead", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+load_cuda = load
