@@ -11,9 +11,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics.retrieval import RetrievalRecall
 
-from distill.zeroshot import build_class_bank, load_descriptors, topk_correct
+from distill.cuda_ext import similarity_topk
+from distill.zeroshot import build_class_bank, load_descriptors, topk_correct_embeds
 
 
 class ZeroShotEvaluation(pl.Callback):
@@ -125,8 +125,7 @@ class ZeroShotEvaluation(pl.Callback):
         # Classify among the evaluated classes only (e.g. novel classes in base-to-novel).
         position = torch.full((bank.shape[0],), -1, dtype=torch.long, device=labels.device)
         position[torch.tensor(eval_classes, device=labels.device)] = torch.arange(len(eval_classes), device=labels.device)
-        logits = images @ bank[eval_classes].T
-        hits = topk_correct(logits, position[labels], self.top_k)
+        hits = topk_correct_embeds(images.float(), bank[eval_classes], position[labels], self.top_k)
 
         results: dict[str, float] = {}
         names = datamodule.domain_names
@@ -142,17 +141,16 @@ class ZeroShotEvaluation(pl.Callback):
         return results
 
     def _retrieval(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, float]:
+        # Recall@k of the paired item, from the similarity engine's fused top-k: no (N, N) matrix.
         n = images.shape[0]
-        # torchmetrics counts only positive scores as retrieved; cosines lie in [-1, 1], so shift
-        # them (the ranking is unchanged).
-        sim = images @ texts.T + 2.0
-        target = torch.eye(n, dtype=torch.bool, device=sim.device)
-        rows = torch.arange(n, device=sim.device)[:, None].expand(n, n)
+        k_max = min(5, n)
+        paired = torch.arange(n, device=images.device)[:, None]
         out = {}
-        for name, scores in (("i2t", sim), ("t2i", sim.T)):
+        for name, queries, keys in (("i2t", images, texts), ("t2i", texts, images)):
+            _, top = similarity_topk(queries.float(), keys.float(), k_max)
+            hits = top == paired
             for k in (1, 5):
-                metric = RetrievalRecall(top_k=k).to(sim.device)
-                out[f"{name}_r{k}"] = metric(scores.flatten(), target.flatten(), indexes=rows.flatten()).item()
+                out[f"{name}_r{k}"] = hits[:, : min(k, k_max)].any(dim=1).float().mean().item()
         return out
 
     def _report(self, trainer, stage: str, results: dict[str, float]) -> None:

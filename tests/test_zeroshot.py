@@ -102,3 +102,18 @@ def test_descriptor_file_errors(tmp_path):
         load_descriptors(path)
     with pytest.raises(FileNotFoundError, match="descriptor file not found"):
         load_descriptors(tmp_path / "missing.json")
+
+
+def test_retrieval_recall_matches_the_full_similarity_matrix():
+    torch.manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(300, 16), dim=1)
+    texts = torch.nn.functional.normalize(images + 0.9 * torch.randn(300, 16), dim=1)
+    sim = images @ texts.T
+    expected = {}
+    for name, scores in (("i2t", sim), ("t2i", sim.T)):
+        rank = (scores > scores.diagonal()[:, None]).sum(dim=1)  # how many items beat the paired one
+        for k in (1, 5):
+            expected[f"{name}_r{k}"] = (rank < k).float().mean().item()
+    got = ZeroShotEvaluation()._retrieval(images, texts)
+    assert got == pytest.approx(expected)
+    assert 0.0 < got["i2t_r1"] < got["i2t_r5"] < 1.0
