@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +10,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from distill.cuda_ext import similarity_topk
-from distill.zeroshot import build_class_bank, load_descriptors, topk_correct_embeds
+from distill.files import atomic_write_json
+from distill.zeroshot import build_class_bank, domain_accuracies, load_descriptors, zero_shot_hits
 
 
 class ZeroShotEvaluation(pl.Callback):
@@ -121,24 +119,9 @@ class ZeroShotEvaluation(pl.Callback):
         pl_module.eval()
         bank = self._class_bank(pl_module, datamodule).float()
         pl_module.train(was_training)
-        eval_classes = getattr(datamodule, "eval_class_indices", None) or list(range(bank.shape[0]))
-        # Classify among the evaluated classes only (e.g. novel classes in base-to-novel).
-        position = torch.full((bank.shape[0],), -1, dtype=torch.long, device=labels.device)
-        position[torch.tensor(eval_classes, device=labels.device)] = torch.arange(len(eval_classes), device=labels.device)
-        hits = topk_correct_embeds(images.float(), bank[eval_classes], position[labels], self.top_k)
-
-        results: dict[str, float] = {}
-        names = datamodule.domain_names
-        for d in domains.unique().tolist():
-            mask = domains == d
-            for k in self.top_k:
-                results[f"top{k}_{names[d]}"] = hits[k][mask].float().mean().item()
-        for group, members in (("id", datamodule.id_domains), ("ood", datamodule.ood_domains)):
-            for k in self.top_k:
-                vals = [results[f"top{k}_{m}"] for m in members if f"top{k}_{m}" in results]
-                if vals:
-                    results[f"{group}_top{k}"] = sum(vals) / len(vals)
-        return results
+        hits = zero_shot_hits(images, bank, labels, getattr(datamodule, "eval_class_indices", None), self.top_k)
+        return domain_accuracies(hits, domains, datamodule.domain_names, datamodule.id_domains,
+                                 datamodule.ood_domains)
 
     def _retrieval(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, float]:
         # Recall@k of the paired item, from the similarity engine's fused top-k: no (N, N) matrix.
@@ -157,7 +140,7 @@ class ZeroShotEvaluation(pl.Callback):
         folder = Path(self.report_dir or trainer.log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         payload = {"stage": stage, "epoch": trainer.current_epoch, "step": trainer.global_step, "metrics": results}
-        _atomic_write_json(folder / f"zeroshot_{stage}.json", payload)
+        atomic_write_json(folder / f"zeroshot_{stage}.json", payload)
         rank_zero_info(format_domain_table(results, trainer.datamodule))
 
 
@@ -176,10 +159,3 @@ def format_domain_table(results: dict[str, float], datamodule: Any) -> str:
         if key in results:
             lines.append(f"{key:<18}{100 * results[key]:>8.1f}")
     return "\n".join(lines)
-
-
-def _atomic_write_json(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(tmp, path)

@@ -26,7 +26,8 @@ import distill.callbacks  # noqa: F401
 import distill.datamodules  # noqa: F401
 import distill.modules  # noqa: F401
 from distill.export.parity import ParityError
-from distill.export.pipeline import Gates, eval_set_from_datamodule, export_bundle, load_checkpoint
+from distill.export.pipeline import (DEFAULT_QUANTIZE, Gates, eval_set_from_datamodule, export_bundle,
+                                     load_checkpoint)
 from distill.export.report import markdown_report
 
 # Errors a user's config or files cause (bad model name, missing file, unknown domain...):
@@ -81,8 +82,9 @@ class DistillTrainer(pl.Trainer):
         with torch.no_grad():
             bank = model.class_bank(list(datamodule.classnames), list(datamodule.templates))
         eval_set = eval_set_from_datamodule(datamodule, bank, eval_split, num_eval_images)
+        quantize = list(DEFAULT_QUANTIZE if quantize is None else quantize)
         calibration = []
-        if quantize is None or "static" in quantize:
+        if "static" in quantize:
             calibration = [s["image"] for s in datamodule.raw_samples("train", num_calibration_images)]
         teacher = getattr(model, "teacher", None)
         logit_scale = float(teacher.logit_scale) if teacher is not None else 100.0

@@ -126,3 +126,40 @@ def topk_correct_embeds(image_embeds: torch.Tensor, class_bank: torch.Tensor, la
     _, top = similarity_topk(image_embeds, class_bank.to(image_embeds.dtype), k_max, backend=backend)
     hits = top == labels[:, None]
     return {k: hits[:, : min(k, k_max)].any(dim=1) for k in ks}
+
+
+def zero_shot_hits(image_embeds: torch.Tensor, class_bank: torch.Tensor, labels: torch.Tensor,
+                   eval_classes: Sequence[int] | None = None, ks: Sequence[int] = (1, 5)) -> dict[int, torch.Tensor]:
+    """Top-k hits of zero-shot classification among the evaluated classes only.
+
+    Args:
+        image_embeds: (N, D) image embeddings.
+        class_bank: (C, D) class text embeddings; ``labels`` index its rows.
+        labels: (N,) class indices.
+        eval_classes: rows of the bank the images are classified among (e.g. the novel classes
+            of a base-to-novel split); all rows when None.
+        ks: the k values.
+
+    Returns:
+        ``{k: (N,) bool}``.
+    """
+    eval_classes = list(range(class_bank.shape[0])) if eval_classes is None else list(eval_classes)
+    position = torch.full((class_bank.shape[0],), -1, dtype=torch.long, device=labels.device)
+    position[torch.tensor(eval_classes, device=labels.device)] = torch.arange(len(eval_classes), device=labels.device)
+    return topk_correct_embeds(image_embeds.float(), class_bank.float()[eval_classes], position[labels], ks)
+
+
+def domain_accuracies(hits: Mapping[int, torch.Tensor], domains: torch.Tensor, domain_names: Sequence[str],
+                      id_domains: Sequence[str], ood_domains: Sequence[str]) -> dict[str, float]:
+    """``top{k}_<domain>`` accuracy per domain present, and ``id_top{k}`` / ``ood_top{k}``: the
+    mean over the ID and the OOD domains (each domain weighs the same)."""
+    results: dict[str, float] = {}
+    for d in domains.unique().tolist():
+        for k, hit in hits.items():
+            results[f"top{k}_{domain_names[d]}"] = hit[domains == d].float().mean().item()
+    for group, members in (("id", id_domains), ("ood", ood_domains)):
+        for k in hits:
+            values = [results[f"top{k}_{m}"] for m in members if f"top{k}_{m}" in results]
+            if values:
+                results[f"{group}_top{k}"] = sum(values) / len(values)
+    return results

@@ -18,7 +18,9 @@ import onnxruntime as ort
 import torch
 from PIL import Image
 
+from distill.export.runtime import open_session as session
 from distill.export.runtime import preprocess
+from distill.zeroshot import domain_accuracies, zero_shot_hits
 
 
 class ParityError(RuntimeError):
@@ -52,25 +54,13 @@ class EvalSet:
     eval_classes: Sequence[int]
 
     def top1(self, embeddings: np.ndarray) -> dict[str, float]:
-        """Zero-shot top-1 (in %) per domain and its mean over ID and OOD domains."""
-        classes = np.asarray(self.eval_classes)
-        predicted = classes[(embeddings @ self.class_bank[classes].T).argmax(axis=1)]
-        correct = predicted == self.labels
-        results = {}
-        for d in np.unique(self.domains):
-            results[f"top1_{self.domain_names[d]}"] = 100.0 * float(correct[self.domains == d].mean())
-        for group, members in (("id", self.id_domains), ("ood", self.ood_domains)):
-            values = [results[f"top1_{m}"] for m in members if f"top1_{m}" in results]
-            if values:
-                results[f"{group}_top1"] = sum(values) / len(values)
-        return results
-
-
-def session(path: str, threads: int = 0) -> ort.InferenceSession:
-    """A CPU onnxruntime session (``threads`` = 0: onnxruntime's choice)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        """Zero-shot top-1 (in %) per domain and its mean over ID and OOD domains, computed as
+        the evaluation callback computes it."""
+        hits = zero_shot_hits(torch.from_numpy(embeddings), torch.from_numpy(self.class_bank),
+                              torch.from_numpy(self.labels), self.eval_classes, ks=(1,))
+        accuracies = domain_accuracies(hits, torch.from_numpy(self.domains), self.domain_names,
+                                       self.id_domains, self.ood_domains)
+        return {key: 100.0 * value for key, value in accuracies.items()}
 
 
 def ort_embeddings(sess: ort.InferenceSession, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:

@@ -27,8 +27,10 @@ from distill.export.parity import (EvalSet, ParityError, embedding_parity, media
 from distill.export.preprocess_spec import preprocess_spec
 from distill.export.quantize import op_report, quantize_int8_dynamic, quantize_int8_static
 from distill.export.report import markdown_report
+from distill.files import atomic_write_json
 
 Quantisation = Literal["dynamic", "static"]
+DEFAULT_QUANTIZE: tuple[Quantisation, ...] = ("dynamic", "static")
 
 
 @dataclass
@@ -73,13 +75,6 @@ def _publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _atomic_json(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(tmp, path)
-
-
 def _mib(path: Path | int) -> float:
     return (path if isinstance(path, int) else path.stat().st_size) / 2**20
 
@@ -115,7 +110,7 @@ def export_bundle(model: nn.Module, eval_set: EvalSet, calibration: list, output
         ParityError: a gate was missed (the bundle is not written).
     """
     gates = gates or Gates()
-    quantize = ["dynamic", "static"] if quantize is None else list(quantize)
+    quantize = list(DEFAULT_QUANTIZE if quantize is None else quantize)
     bitsandbytes = [8, 4] if bitsandbytes is None else list(bitsandbytes)
     out = check_output_dir(output_dir)
     network = exported_model(model).eval()
@@ -164,7 +159,7 @@ def export_bundle(model: nn.Module, eval_set: EvalSet, calibration: list, output
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if report["failures"]:
-            _atomic_json(out.with_name(out.name + ".failed.json"), report)
+            atomic_write_json(out.with_name(out.name + ".failed.json"), report)
         raise
     return report
 

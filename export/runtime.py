@@ -57,6 +57,13 @@ def preprocess(image: Image.Image, spec: dict) -> np.ndarray:
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
+def open_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
+    """A CPU onnxruntime session (``threads`` = 0: onnxruntime's choice)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(axis=-1, keepdims=True)
     e = np.exp(x)
@@ -83,10 +90,7 @@ class EdgeClassifier:
         self.variant = variant or self.meta["default_image_model"]
         if self.variant not in models:
             raise ValueError(f"variant {self.variant!r} is not in the bundle (has: {sorted(models)})")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(self.root / models[self.variant]["file"]), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = open_session(self.root / models[self.variant]["file"], threads)
         self.input_name = self.session.get_inputs()[0].name
         self.classnames: list[str] = json.loads((self.root / self.meta["classnames"]).read_text())
         self.class_bank = np.load(self.root / self.meta["class_bank"]).astype(np.float32)
