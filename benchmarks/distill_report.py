@@ -27,10 +27,16 @@ from distill.cli import main as distill
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "configs" / "distill" / "labels_only.yaml"
 RECIPES = ["labels_only", "fd", "affinity", "icl", "clip_kd", "vl2v_adip"]
-LABELS = {"labels_only": "student, labels only (no KD)", "fd": "FD (labels + feature MSE)",
-          "affinity": "affinity KD (TinyCLIP style)", "icl": "ICL (labels + interactive contrastive)",
-          "clip_kd": "CLIP-KD recipe", "vl2v_adip": "VL2V-ADiP", "openclip_student": "open_clip dual tower, CLIP-KD",
-          "augment": "consistent TrivialAugment"}
+LABELS = {
+    "labels_only": "student, labels only (no KD)",
+    "fd": "FD (labels + feature MSE)",
+    "affinity": "affinity KD (TinyCLIP style)",
+    "icl": "ICL (labels + interactive contrastive)",
+    "clip_kd": "CLIP-KD recipe",
+    "vl2v_adip": "VL2V-ADiP",
+    "openclip_student": "open_clip dual tower, CLIP-KD",
+    "augment": "consistent TrivialAugment",
+}
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
@@ -55,34 +61,59 @@ def _images_per_second(model: torch.nn.Module, size: int, batch: int = 128, repe
 
 
 def _teacher_row(out: Path, teacher: str) -> dict:
-    args = ["test", "--config", str(BASE), "--model=ZeroShotModule", f"--model.init_args.model_name=local-dir:{teacher}",
-            f"--trainer.default_root_dir={out / 'teacher'}", "--trainer.logger=false",
-            "--trainer.callbacks=[{class_path: ZeroShotEvaluation, init_args: {retrieval: false}}]", *QUIET]
+    args = [
+        "test",
+        "--config",
+        str(BASE),
+        "--model=ZeroShotModule",
+        f"--model.init_args.model_name=local-dir:{teacher}",
+        f"--trainer.default_root_dir={out / 'teacher'}",
+        "--trainer.logger=false",
+        "--trainer.callbacks=[{class_path: ZeroShotEvaluation, init_args: {retrieval: false}}]",
+        *QUIET,
+    ]
     cli = distill(args)
     metrics = cli.trainer.callbacks[0].results["test"]
     visual = cli.model.teacher.model.visual
     size = cli.model.teacher.bundle.preprocess_config["size"]
     size = size[0] if isinstance(size, (list, tuple)) else size
-    return {"recipe": "teacher", "label": "teacher zero-shot", "id_top1": [metrics["id_top1"]],
-            "ood_top1": [metrics["ood_top1"]], "params": sum(p.numel() for p in visual.parameters()),
-            "images_per_s": _images_per_second(cli.model.teacher, size), "train_seconds": [0.0]}
+    return {
+        "recipe": "teacher",
+        "label": "teacher zero-shot",
+        "id_top1": [metrics["id_top1"]],
+        "ood_top1": [metrics["ood_top1"]],
+        "params": sum(p.numel() for p in visual.parameters()),
+        "images_per_s": _images_per_second(cli.model.teacher, size),
+        "train_seconds": [0.0],
+    }
 
 
-def _student_row(recipe: str, seeds: list[int], out: Path, teacher: str, max_steps: int,
-                 extra_args: list[str]) -> dict:
+def _student_row(recipe: str, seeds: list[int], out: Path, teacher: str, max_steps: int, extra_args: list[str]) -> dict:
     # "a+b": the overlays a.yaml then b.yaml on the base config (e.g. vl2v_adip+augment).
     parts = recipe.split("+")
-    row: dict = {"recipe": recipe, "label": " + ".join(LABELS.get(p, p) for p in parts), "id_top1": [],
-                 "ood_top1": [], "train_seconds": []}
+    row: dict = {
+        "recipe": recipe,
+        "label": " + ".join(LABELS.get(p, p) for p in parts),
+        "id_top1": [],
+        "ood_top1": [],
+        "train_seconds": [],
+    }
     configs = [BASE] + [ROOT / "configs" / "distill" / f"{p}.yaml" for p in parts if p != "labels_only"]
     if "openclip_student" in parts:
         configs.insert(1, ROOT / "configs" / "distill" / "clip_kd.yaml")
     for seed in seeds:
         run_dir = out / recipe.replace("+", "_") / f"seed{seed}"
-        args = ["fit", *[a for c in configs for a in ("--config", str(c))], f"--seed_everything={seed}",
-                f"--trainer.max_steps={max_steps}", f"--trainer.default_root_dir={run_dir}",
-                f"--trainer.logger.init_args.save_dir={run_dir}",
-                f"--model.init_args.teacher.model_name=local-dir:{teacher}", *QUIET, *extra_args]
+        args = [
+            "fit",
+            *[a for c in configs for a in ("--config", str(c))],
+            f"--seed_everything={seed}",
+            f"--trainer.max_steps={max_steps}",
+            f"--trainer.default_root_dir={run_dir}",
+            f"--trainer.logger.init_args.save_dir={run_dir}",
+            f"--model.init_args.teacher.model_name=local-dir:{teacher}",
+            *QUIET,
+            *extra_args,
+        ]
         start = time.perf_counter()
         cli = distill(args)
         row["train_seconds"].append(time.perf_counter() - start)
@@ -93,8 +124,11 @@ def _student_row(recipe: str, seeds: list[int], out: Path, teacher: str, max_ste
         row["ood_top1"].append(metrics["ood_top1"])
     student = cli.model.student
     row["params"] = student.image_tower_params()
-    size = cli.model.student.preprocess_config["size"] if hasattr(student, "preprocess_config") else \
-        student.data_config["input_size"][-1]
+    size = (
+        cli.model.student.preprocess_config["size"]
+        if hasattr(student, "preprocess_config")
+        else student.data_config["input_size"][-1]
+    )
     row["images_per_s"] = _images_per_second(student, size if isinstance(size, int) else size[0])
     return row
 
@@ -105,21 +139,31 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def _markdown(rows: list[dict], teacher: dict, max_steps: int, seeds: list[int]) -> str:
     t_id, t_ood = teacher["id_top1"][0], teacher["ood_top1"][0]
-    lines = [f"Students: {max_steps} steps each, seeds {seeds}; mean +- std over seeds. "
-             "Retention = student / teacher.", "",
-             "| recipe | ID top-1 | OOD top-1 | ID retention | OOD retention | image params | images/s | train s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"Students: {max_steps} steps each, seeds {seeds}; mean +- std over seeds. Retention = student / teacher.",
+        "",
+        "| recipe | ID top-1 | OOD top-1 | ID retention | OOD retention | image params | images/s | train s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for row in [teacher, *rows]:
         (i_m, i_s), (o_m, o_s) = _mean_std(row["id_top1"]), _mean_std(row["ood_top1"])
-        lines.append(f"| {row['label']} | {100 * i_m:.1f} +- {100 * i_s:.1f} | {100 * o_m:.1f} +- {100 * o_s:.1f} "
-                     f"| {100 * i_m / t_id:.1f}% | {100 * o_m / t_ood:.1f}% | {row['params'] / 1e6:.2f} M "
-                     f"| {row['images_per_s']:.0f} | {statistics.fmean(row['train_seconds']):.0f} |")
+        lines.append(
+            f"| {row['label']} | {100 * i_m:.1f} +- {100 * i_s:.1f} | {100 * o_m:.1f} +- {100 * o_s:.1f} "
+            f"| {100 * i_m / t_id:.1f}% | {100 * o_m / t_ood:.1f}% | {row['params'] / 1e6:.2f} M "
+            f"| {row['images_per_s']:.0f} | {statistics.fmean(row['train_seconds']):.0f} |"
+        )
     return "\n".join(lines)
 
 
-def report(recipes: list[str] | None = None, seeds: list[int] | None = None, max_steps: int = 600,
-           teacher: str = "runs/demo/teacher/open_clip", out: str = "runs/distill_report",
-           extra_args: list[str] | None = None, keep: str | None = None) -> dict:
+def report(
+    recipes: list[str] | None = None,
+    seeds: list[int] | None = None,
+    max_steps: int = 600,
+    teacher: str = "runs/demo/teacher/open_clip",
+    out: str = "runs/distill_report",
+    extra_args: list[str] | None = None,
+    keep: str | None = None,
+) -> dict:
     """Train every recipe for every seed, test them, and write ``report.json`` / ``report.md``.
 
     Args:
@@ -138,15 +182,18 @@ def report(recipes: list[str] | None = None, seeds: list[int] | None = None, max
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not (Path(teacher) / "open_clip_config.json").is_file():
-        raise FileNotFoundError(f"no teacher at {teacher}: run `make demo` (or distill fit --config "
-                                "configs/demo/teacher.yaml) first")
+        raise FileNotFoundError(
+            f"no teacher at {teacher}: run `make demo` (or distill fit --config configs/demo/teacher.yaml) first"
+        )
     teacher_row = _teacher_row(out_dir, teacher)
     rows = []
     if keep:
         earlier = json.loads(Path(keep).read_text())
         if earlier["seeds"] != seeds or earlier["max_steps"] != max_steps:
-            raise ValueError(f"{keep} was made with seeds {earlier['seeds']} and {earlier['max_steps']} steps, "
-                             f"not {seeds} and {max_steps}")
+            raise ValueError(
+                f"{keep} was made with seeds {earlier['seeds']} and {earlier['max_steps']} steps, "
+                f"not {seeds} and {max_steps}"
+            )
         rows = [r for r in earlier["students"] if r["recipe"] not in recipes]
     rows += [_student_row(r, seeds, out_dir, teacher, max_steps, list(extra_args or [])) for r in recipes]
     result = {"teacher": teacher_row, "students": rows, "max_steps": max_steps, "seeds": seeds}

@@ -38,9 +38,14 @@ def newest_checkpoint(folder: Path) -> Path:
     return found[-1]
 
 
-def report(recipe: str = "vl2v_adip", ckpt: str | None = None, runs: str = "runs/demo/report",
-           teacher: str = "runs/demo/teacher/open_clip", out: str = "runs/demo/export",
-           extra_args: list[str] | None = None) -> dict:
+def report(
+    recipe: str = "vl2v_adip",
+    ckpt: str | None = None,
+    runs: str = "runs/demo/report",
+    teacher: str = "runs/demo/teacher/open_clip",
+    out: str = "runs/demo/export",
+    extra_args: list[str] | None = None,
+) -> dict:
     """Export a student, write ``export_report.json``/``.md`` under ``out``, run the edge runner.
 
     Args:
@@ -57,19 +62,28 @@ def report(recipe: str = "vl2v_adip", ckpt: str | None = None, runs: str = "runs
     configs = [CONFIGS / "labels_only.yaml"] + [CONFIGS / f"{p}.yaml" for p in recipe.split("+") if p != "labels_only"]
     out_dir = Path(out)
     bundle = out_dir / "bundle"
-    args = ["export", *[a for c in configs for a in ("--config", str(c))], f"--ckpt_path={checkpoint}",
-            f"--output_dir={bundle}", f"--model.init_args.teacher.model_name=local-dir:{teacher}",
-            "--trainer.logger=false", *(extra_args or [])]
+    args = [
+        "export",
+        *[a for c in configs for a in ("--config", str(c))],
+        f"--ckpt_path={checkpoint}",
+        f"--output_dir={bundle}",
+        f"--model.init_args.teacher.model_name=local-dir:{teacher}",
+        "--trainer.logger=false",
+        *(extra_args or []),
+    ]
     cli = distill(args)
     for suffix in ("json", "md"):
         shutil.copyfile(bundle / f"report.{suffix}", out_dir / f"export_report.{suffix}")
     sample = out_dir / "sample_ood.png"
     datamodule = cli.datamodule
-    ood = [s for s in datamodule.raw_samples("test", 64)
-           if datamodule.domain_names[s["domain"]] in datamodule.ood_domains]
+    ood = [
+        s for s in datamodule.raw_samples("test", 64) if datamodule.domain_names[s["domain"]] in datamodule.ood_domains
+    ]
     ood[0]["image"].save(sample)
-    print(f"\nedge runner (onnxruntime + numpy + PIL, no torch) on an OOD test image, true class "
-          f"{datamodule.classnames[ood[0]['label']]!r}:")
+    print(
+        f"\nedge runner (onnxruntime + numpy + PIL, no torch) on an OOD test image, true class "
+        f"{datamodule.classnames[ood[0]['label']]!r}:"
+    )
     subprocess.run([sys.executable, str(bundle / "run.py"), str(bundle), str(sample), "--top", "3"], check=True)
     return json.loads((bundle / "report.json").read_text())
 

@@ -48,8 +48,9 @@ def check_correctness(ce, n: int = 2048, d: int = 512) -> dict:
     ops = {
         "infonce": lambda a, b, s, c, be, ta, tb: ce.infonce_loss(a, b, s, offset=0, backend=be),
         "siglip": lambda a, b, s, c, be, ta, tb: ce.siglip_loss(a, b, s, c, backend=be),
-        "kd": lambda a, b, s, c, be, ta, tb: ce.kd_loss(a, b, ta, tb, s, 50.0, kind="ce", contrastive_weight=1.0,
-                                                        backend=be),
+        "kd": lambda a, b, s, c, be, ta, tb: ce.kd_loss(
+            a, b, ta, tb, s, 50.0, kind="ce", contrastive_weight=1.0, backend=be
+        ),
     }
     out: dict = {}
     for name, fn in ops.items():
@@ -62,10 +63,15 @@ def check_correctness(ce, n: int = 2048, d: int = 512) -> dict:
             sd, cd = (torch.tensor(v, device="cuda", requires_grad=True) for v in (30.0, -10.0))
             got = fn(*xd, sd, cd, "cuda", ta.to("cuda", dtype), tb.to("cuda", dtype))
             got_g = torch.autograd.grad(got, [*xd, sd])
-            errs = {"loss": abs(got.item() - ref.item()) / abs(ref.item()),
-                    **{f"grad{i}": _rel(x, y) for i, (x, y) in enumerate(zip(got_g, ref_g))}}
-            out[f"{name}/{str(dtype).split('.')[-1]}"] = {"rel_err": errs, "tol": tol,
-                                                          "ok": all(v <= tol for v in errs.values())}
+            errs = {
+                "loss": abs(got.item() - ref.item()) / abs(ref.item()),
+                **{f"grad{i}": _rel(x, y) for i, (x, y) in enumerate(zip(got_g, ref_g))},
+            }
+            out[f"{name}/{str(dtype).split('.')[-1]}"] = {
+                "rel_err": errs,
+                "tol": tol,
+                "ok": all(v <= tol for v in errs.values()),
+            }
     return out
 
 
@@ -77,7 +83,7 @@ def small_n_vs_eager(ce, sizes=(1024, 2048, 4096), d: int = 512) -> list[dict]:
         s = torch.tensor(30.0, device="cuda", requires_grad=True)
         res = {"n": n, "auto_picks": ce.resolve_backend("auto", a, n, n)}
         for be in ("reference", "cuda", "auto"):
-            fn = lambda: ce.infonce_loss(a, b, s, backend=be).backward()  # noqa: E731
+            fn = lambda: ce.infonce_loss(a, b, s, backend=be).backward()
             fn()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -97,8 +103,7 @@ def main() -> int:
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
     t0 = time.perf_counter()
     ce.build_cuda(verbose=False)
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "build_s": time.perf_counter() - t0}
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "build_s": time.perf_counter() - t0}
     print(f"built in {report['build_s']:.0f} s on {report['device']}", flush=True)
     report["correctness_n2048"] = check_correctness(ce)
     print(json.dumps(report["correctness_n2048"], indent=1), flush=True)

@@ -35,18 +35,23 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from jsonargparse import CLI
 from tqdm import tqdm
 
 #: case name -> (op, implementation); the open_clip case is the baseline of its op.
 CASES = {
-    "ClipLoss": ("infonce", "open_clip"), "infonce/reference": ("infonce", "reference"),
-    "infonce/tiled": ("infonce", "tiled"), "infonce/cuda": ("infonce", "cuda"),
-    "SigLipLoss": ("siglip", "open_clip"), "siglip/reference": ("siglip", "reference"),
-    "siglip/tiled": ("siglip", "tiled"), "siglip/cuda": ("siglip", "cuda"),
-    "DistillClipLoss": ("kd", "open_clip"), "kd/reference": ("kd", "reference"),
-    "kd/tiled": ("kd", "tiled"), "kd/cuda": ("kd", "cuda"),
+    "ClipLoss": ("infonce", "open_clip"),
+    "infonce/reference": ("infonce", "reference"),
+    "infonce/tiled": ("infonce", "tiled"),
+    "infonce/cuda": ("infonce", "cuda"),
+    "SigLipLoss": ("siglip", "open_clip"),
+    "siglip/reference": ("siglip", "reference"),
+    "siglip/tiled": ("siglip", "tiled"),
+    "siglip/cuda": ("siglip", "cuda"),
+    "DistillClipLoss": ("kd", "open_clip"),
+    "kd/reference": ("kd", "reference"),
+    "kd/tiled": ("kd", "tiled"),
+    "kd/cuda": ("kd", "cuda"),
 }
 GEMM_PASSES = {"infonce": 4, "siglip": 3, "kd": 6}
 
@@ -60,10 +65,15 @@ def _inputs(n: int, d: int, device: str, dtype: torch.dtype) -> dict[str, torch.
         x.div_(x.norm(dim=1, keepdim=True))
         return x.to(device=device, dtype=dtype).requires_grad_(grad)
 
-    return {"a": unit(True), "b": unit(True), "ta": unit(False), "tb": unit(False),
-            "scale": torch.tensor(30.0, device=device, requires_grad=True),
-            "bias": torch.tensor(-10.0, device=device, requires_grad=True),
-            "tscale": torch.tensor(50.0, device=device)}
+    return {
+        "a": unit(True),
+        "b": unit(True),
+        "ta": unit(False),
+        "tb": unit(False),
+        "scale": torch.tensor(30.0, device=device, requires_grad=True),
+        "bias": torch.tensor(-10.0, device=device, requires_grad=True),
+        "tscale": torch.tensor(50.0, device=device),
+    }
 
 
 def _loss_fn(case: str, x: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
@@ -74,11 +84,16 @@ def _loss_fn(case: str, x: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor
     if impl == "open_clip":
         from open_clip.loss import ClipLoss, DistillClipLoss, SigLipLoss
 
-        return {"infonce": lambda: ClipLoss()(a, b, s), "siglip": lambda: SigLipLoss()(a, b, s, c),
-                "kd": lambda: sum(DistillClipLoss()(a, b, s, ta, tb, ts))}[op]
-    return {"infonce": lambda: cuda_ext.infonce_loss(a, b, s, backend=impl),
-            "siglip": lambda: cuda_ext.siglip_loss(a, b, s, c, backend=impl),
-            "kd": lambda: cuda_ext.kd_loss(a, b, ta, tb, s, ts, kind="ce", contrastive_weight=1.0, backend=impl)}[op]
+        return {
+            "infonce": lambda: ClipLoss()(a, b, s),
+            "siglip": lambda: SigLipLoss()(a, b, s, c),
+            "kd": lambda: sum(DistillClipLoss()(a, b, s, ta, tb, ts)),
+        }[op]
+    return {
+        "infonce": lambda: cuda_ext.infonce_loss(a, b, s, backend=impl),
+        "siglip": lambda: cuda_ext.siglip_loss(a, b, s, c, backend=impl),
+        "kd": lambda: cuda_ext.kd_loss(a, b, ta, tb, s, ts, kind="ce", contrastive_weight=1.0, backend=impl),
+    }[op]
 
 
 def _step(fn: Callable[[], torch.Tensor], x: dict[str, torch.Tensor]) -> None:
@@ -144,10 +159,18 @@ def _mem_available() -> int:
     return 0
 
 
-def run_cpu(sizes: list[int], dim: int, repeats: int, big_n: int, backends: list[str],
-            max_reference_n: int, only: list[str] | None = None) -> list[dict]:
-    cases = [c for c, (_, impl) in CASES.items()
-             if (impl == "open_clip" or impl in backends) and (not only or c in only)]
+def run_cpu(
+    sizes: list[int],
+    dim: int,
+    repeats: int,
+    big_n: int,
+    backends: list[str],
+    max_reference_n: int,
+    only: list[str] | None = None,
+) -> list[dict]:
+    cases = [
+        c for c, (_, impl) in CASES.items() if (impl == "open_clip" or impl in backends) and (not only or c in only)
+    ]
     rows: list[dict] = []
     last_peak: dict[str, tuple[int, float]] = {}
     for n in tqdm(sizes, desc="CPU sizes"):
@@ -160,8 +183,15 @@ def run_cpu(sizes: list[int], dim: int, repeats: int, big_n: int, backends: list
             prev = last_peak.get(case)
             predicted = prev[1] * (n / prev[0]) ** 2 * 2**20 if prev else 0.0
             if predicted > mem_cap:
-                rows.append({"n": n, "d": dim, "case": case, "skipped": f"predicted peak {predicted / 2**30:.1f} GiB "
-                             f"> 45% of MemAvailable {mem_cap / 0.45 / 2**30:.1f} GiB"})
+                rows.append(
+                    {
+                        "n": n,
+                        "d": dim,
+                        "case": case,
+                        "skipped": f"predicted peak {predicted / 2**30:.1f} GiB "
+                        f"> 45% of MemAvailable {mem_cap / 0.45 / 2**30:.1f} GiB",
+                    }
+                )
             else:
                 runnable.append(case)
         times = _fresh(_child_time, n, dim, runnable, repeats, 1 if n <= 4096 else 0)
@@ -169,12 +199,32 @@ def run_cpu(sizes: list[int], dim: int, repeats: int, big_n: int, backends: list
             mem = _fresh(_child_memory, n, dim, case)
             last_peak[case] = (n, mem["peak_extra_mb"])
             op, impl = CASES[case]
-            rows.append({"n": n, "d": dim, "case": case, "op": op, "impl": impl, "times_s": times[case],
-                         "median_s": statistics.median(times[case]), **mem})
+            rows.append(
+                {
+                    "n": n,
+                    "d": dim,
+                    "case": case,
+                    "op": op,
+                    "impl": impl,
+                    "times_s": times[case],
+                    "median_s": statistics.median(times[case]),
+                    **mem,
+                }
+            )
     if big_n:
         mem = _fresh(_child_memory, big_n, dim, "infonce/tiled")
-        rows.append({"n": big_n, "d": dim, "case": "infonce/tiled", "op": "infonce", "impl": "tiled",
-                     "median_s": mem["single_run_s"], "times_s": [mem["single_run_s"]], **mem})
+        rows.append(
+            {
+                "n": big_n,
+                "d": dim,
+                "case": "infonce/tiled",
+                "op": "infonce",
+                "impl": "tiled",
+                "median_s": mem["single_run_s"],
+                "times_s": [mem["single_run_s"]],
+                **mem,
+            }
+        )
     return rows
 
 
@@ -214,9 +264,19 @@ def run_cuda(sizes: list[int], dims: list[int], repeats: int) -> list[dict]:
                     rows.append({"n": n, "d": d, "case": case, "skipped": "CUDA out of memory"})
                     torch.cuda.empty_cache()
                     continue
-                rows.append({"n": n, "d": d, "case": case, "op": op, "impl": impl, "median_s": t,
-                             "peak_extra_mb": peak, "roofline_s": GEMM_PASSES[op] * gemm,
-                             "gemm_s": gemm})
+                rows.append(
+                    {
+                        "n": n,
+                        "d": d,
+                        "case": case,
+                        "op": op,
+                        "impl": impl,
+                        "median_s": t,
+                        "peak_extra_mb": peak,
+                        "roofline_s": GEMM_PASSES[op] * gemm,
+                        "gemm_s": gemm,
+                    }
+                )
             del x
             torch.cuda.empty_cache()
     return rows
@@ -238,13 +298,25 @@ def _print_table(rows: list[dict]) -> None:
             print(f"{r['n']:>6} {r['d']:>4} {r['case']:<18} skipped: {r['skipped']}")
             continue
         tr, mr = r.get("time_ratio_vs_open_clip"), r.get("memory_ratio_vs_open_clip")
-        print(f"{r['n']:>6} {r['d']:>4} {r['case']:<18} {r['median_s']:>9.3f} "
-              f"{'' if tr is None else f'{tr:.2f}':>11} {r['peak_extra_mb']:>9.0f} {'' if mr is None else f'{mr:.3f}':>11}")
+        print(
+            f"{r['n']:>6} {r['d']:>4} {r['case']:<18} {r['median_s']:>9.3f} "
+            f"{'' if tr is None else f'{tr:.2f}':>11} {r['peak_extra_mb']:>9.0f} "
+            f"{'' if mr is None else f'{mr:.3f}':>11}"
+        )
 
 
-def main(device: str = "cpu", sizes: list[int] | None = None, dim: int = 512, dims: list[int] | None = None,
-         repeats: int = 3, big_n: int = 65536, backends: list[str] | None = None, max_reference_n: int = 8192,
-         cases: list[str] | None = None, out: str = "benchmarks/results/similarity_cpu.json") -> None:
+def main(
+    device: str = "cpu",
+    sizes: list[int] | None = None,
+    dim: int = 512,
+    dims: list[int] | None = None,
+    repeats: int = 3,
+    big_n: int = 65536,
+    backends: list[str] | None = None,
+    max_reference_n: int = 8192,
+    cases: list[str] | None = None,
+    out: str = "benchmarks/results/similarity_cpu.json",
+) -> None:
     """Benchmark the similarity ops against open_clip's losses and save JSON.
 
     Args:
@@ -262,13 +334,25 @@ def main(device: str = "cpu", sizes: list[int] | None = None, dim: int = 512, di
     if device == "cuda":
         rows = run_cuda(sizes or [8192, 16384, 32768, 65536], dims or [512, 768], repeats)
     else:
-        rows = run_cpu(sizes or [1024, 4096, 8192, 16384], dim, repeats, big_n, backends or ["reference", "tiled"],
-                       max_reference_n, cases)
+        rows = run_cpu(
+            sizes or [1024, 4096, 8192, 16384],
+            dim,
+            repeats,
+            big_n,
+            backends or ["reference", "tiled"],
+            max_reference_n,
+            cases,
+        )
     _add_ratios(rows)
     _print_table(rows)
-    meta = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "load_avg_at_end": os.getloadavg(),
-            "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
+    meta = {
+        "device": device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "load_avg_at_end": os.getloadavg(),
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+    }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(out).with_suffix(".tmp")
     tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -30,15 +30,37 @@ ARCHS = {
 }
 
 
-def _render_split(split: str, n: int, size: int, seed: int) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
+def _render_split(
+    split: str, n: int, size: int, seed: int
+) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
     items = [render(i, seed=seed, split=split, domain=i % len(DOMAINS), image_size=size) for i in range(n)]
     images = torch.from_numpy(np.stack([it.image for it in items])).permute(0, 3, 1, 2).contiguous()
-    return images, [it.caption for it in items], torch.tensor([it.label for it in items]), torch.tensor([it.domain for it in items])
+    return (
+        images,
+        [it.caption for it in items],
+        torch.tensor([it.label for it in items]),
+        torch.tensor([it.domain for it in items]),
+    )
 
 
-def main(arch: str = "rn", minutes: float = 8.0, batch_size: int = 128, lr: float = 1e-3, schedule: str = "constant",
-         warmup: int = 100, image_size: int = 64, model_size: int = 0, num_train: int = 20000, embed_dim: int = 128, text_layers: int = 2,
-         text_width: int = 128, eval_every_s: float = 60.0, out: str = "", seed: int = 0, threads: int = 2):
+def main(
+    arch: str = "rn",
+    minutes: float = 8.0,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    schedule: str = "constant",
+    warmup: int = 100,
+    image_size: int = 64,
+    model_size: int = 0,
+    num_train: int = 20000,
+    embed_dim: int = 128,
+    text_layers: int = 2,
+    text_width: int = 128,
+    eval_every_s: float = 60.0,
+    out: str = "",
+    seed: int = 0,
+    threads: int = 2,
+):
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     t0 = time.time()
@@ -47,11 +69,19 @@ def main(arch: str = "rn", minutes: float = 8.0, batch_size: int = 128, lr: floa
     print(f"rendered in {time.time() - t0:.1f}s", flush=True)
     model_size = model_size or image_size
     if model_size != image_size:  # the model's own preprocessing resizes the rendered images
-        shrink = lambda x: F.interpolate(x.float(), size=model_size, mode="bilinear", antialias=True).round().clamp(0, 255).to(torch.uint8)
+        shrink = lambda x: (
+            F.interpolate(x.float(), size=model_size, mode="bilinear", antialias=True)
+            .round()
+            .clamp(0, 255)
+            .to(torch.uint8)
+        )
         tr_img, va_img = shrink(tr_img), shrink(va_img)
     vision = dict(ARCHS[arch]["image"], image_size=model_size)
-    cfg = {"embed_dim": embed_dim, "vision_cfg": vision,
-           "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": text_width, "heads": 4, "layers": text_layers}}
+    cfg = {
+        "embed_dim": embed_dim,
+        "vision_cfg": vision,
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": text_width, "heads": 4, "layers": text_layers},
+    }
     model = open_clip.CLIP(**cfg)
     tok = open_clip.tokenizer.SimpleTokenizer(context_length=32)
     tr_tok = tok(tr_cap)
@@ -64,13 +94,16 @@ def main(arch: str = "rn", minutes: float = 8.0, batch_size: int = 128, lr: floa
     budget = minutes * 60
     curve, step, next_eval = [], 0, eval_every_s
     t_start = time.time()
-    total_steps_guess = None
 
     def evaluate():
         model.eval()
         with torch.no_grad():
-            bank = open_clip.build_zero_shot_classifier(model, tok, names, ZERO_SHOT_TEMPLATES, num_classes_per_batch=None)
-            feats = torch.cat([model.encode_image(norm(va_img[i:i + 256]), normalize=True) for i in range(0, len(va_img), 256)])
+            bank = open_clip.build_zero_shot_classifier(
+                model, tok, names, ZERO_SHOT_TEMPLATES, num_classes_per_batch=None
+            )
+            feats = torch.cat(
+                [model.encode_image(norm(va_img[i : i + 256]), normalize=True) for i in range(0, len(va_img), 256)]
+            )
             pred = (feats @ bank).argmax(1)
         model.train()
         acc = {d: float((pred[va_dom == k] == va_lab[va_dom == k]).float().mean()) for k, d in enumerate(DOMAINS)}
@@ -103,9 +136,22 @@ def main(arch: str = "rn", minutes: float = 8.0, batch_size: int = 128, lr: floa
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         step += 1
-    result = {"config": dict(arch=arch, minutes=minutes, batch_size=batch_size, lr=lr, schedule=schedule,
-                             image_size=image_size, model_size=model_size, num_train=num_train, embed_dim=embed_dim, text_layers=text_layers),
-              "params_image": sum(p.numel() for p in model.visual.parameters()), "curve": curve}
+    result = {
+        "config": dict(
+            arch=arch,
+            minutes=minutes,
+            batch_size=batch_size,
+            lr=lr,
+            schedule=schedule,
+            image_size=image_size,
+            model_size=model_size,
+            num_train=num_train,
+            embed_dim=embed_dim,
+            text_layers=text_layers,
+        ),
+        "params_image": sum(p.numel() for p in model.visual.parameters()),
+        "curve": curve,
+    }
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=1))

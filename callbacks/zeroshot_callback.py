@@ -38,9 +38,15 @@ class ZeroShotEvaluation(pl.Callback):
         report_dir: folder for ``zeroshot_<stage>.json`` (default: the trainer's log dir).
     """
 
-    def __init__(self, top_k: tuple[int, ...] = (1, 5), retrieval: bool = True, retrieval_items: int = 1000,
-                 templates: list[str] | None = None, descriptors: str | None = None,
-                 report_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        top_k: tuple[int, ...] = (1, 5),
+        retrieval: bool = True,
+        retrieval_items: int = 1000,
+        templates: list[str] | None = None,
+        descriptors: str | None = None,
+        report_dir: str | None = None,
+    ) -> None:
         super().__init__()
         self.top_k, self.retrieval, self.retrieval_items = tuple(top_k), retrieval, retrieval_items
         self.templates, self.descriptors_path, self.report_dir = templates, descriptors, report_dir
@@ -120,8 +126,7 @@ class ZeroShotEvaluation(pl.Callback):
         bank = self._class_bank(pl_module, datamodule).float()
         pl_module.train(was_training)
         hits = zero_shot_hits(images, bank, labels, getattr(datamodule, "eval_class_indices", None), self.top_k)
-        return domain_accuracies(hits, domains, datamodule.domain_names, datamodule.id_domains,
-                                 datamodule.ood_domains)
+        return domain_accuracies(hits, domains, datamodule.domain_names, datamodule.id_domains, datamodule.ood_domains)
 
     def _retrieval(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, float]:
         # Recall@k of the paired item, from the similarity engine's fused top-k: no (N, N) matrix.
@@ -150,11 +155,15 @@ def format_domain_table(results: dict[str, float], datamodule: Any) -> str:
     for group, members in (("ID", datamodule.id_domains), ("OOD", datamodule.ood_domains)):
         for m in members:
             if f"top1_{m}" in results:
-                lines.append(f"{m:<12}{group:<6}{100 * results[f'top1_{m}']:>8.1f}"
-                             f"{100 * results.get(f'top5_{m}', float('nan')):>8.1f}")
+                lines.append(
+                    f"{m:<12}{group:<6}{100 * results[f'top1_{m}']:>8.1f}"
+                    f"{100 * results.get(f'top5_{m}', float('nan')):>8.1f}"
+                )
         if f"{group.lower()}_top1" in results:
-            lines.append(f"{group + ' mean':<18}{100 * results[f'{group.lower()}_top1']:>8.1f}"
-                         f"{100 * results.get(f'{group.lower()}_top5', float('nan')):>8.1f}")
+            lines.append(
+                f"{group + ' mean':<18}{100 * results[f'{group.lower()}_top1']:>8.1f}"
+                f"{100 * results.get(f'{group.lower()}_top5', float('nan')):>8.1f}"
+            )
     for key in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"):
         if key in results:
             lines.append(f"{key:<18}{100 * results[key]:>8.1f}")

@@ -9,5 +9,15 @@ use (:func:`load_cuda`), never at import or install. Imports only torch.
 from ._build import build_cuda, cuda_is_loaded, load_cuda
 from .ops import AUTO_TILED_MIN_ELEMENTS, BACKENDS, infonce_loss, kd_loss, resolve_backend, siglip_loss, similarity_topk
 
-__all__ = ["infonce_loss", "siglip_loss", "kd_loss", "similarity_topk", "resolve_backend", "load_cuda",
-           "build_cuda", "cuda_is_loaded", "BACKENDS", "AUTO_TILED_MIN_ELEMENTS"]
+__all__ = [
+    "AUTO_TILED_MIN_ELEMENTS",
+    "BACKENDS",
+    "build_cuda",
+    "cuda_is_loaded",
+    "infonce_loss",
+    "kd_loss",
+    "load_cuda",
+    "resolve_backend",
+    "siglip_loss",
+    "similarity_topk",
+]

@@ -93,7 +93,7 @@ def load() -> None:
         raise RuntimeError("backend='cuda' is not available: no CUDA device (torch.cuda.is_available() is False)")
     try:
         build_cuda()
-    except Exception as err:  # noqa: BLE001 - any build failure gets one clear message
+    except Exception as err:
         _state["error"] = err
         raise RuntimeError(f"backend='cuda' is not built and building it failed: {err}") from err
 

@@ -42,8 +42,14 @@ def _fake_topk(queries, keys, k, block):
     return queries.new_empty(n, k), queries.new_empty(n, k, dtype=torch.long)
 
 
-FAKES = {"infonce_fwd": _fake_infonce_fwd, "infonce_bwd": _fake_infonce_bwd, "siglip": _fake_siglip,
-         "kd_fwd": _fake_kd_fwd, "kd_bwd": _fake_kd_bwd, "topk": _fake_topk}
+FAKES = {
+    "infonce_fwd": _fake_infonce_fwd,
+    "infonce_bwd": _fake_infonce_bwd,
+    "siglip": _fake_siglip,
+    "kd_fwd": _fake_kd_fwd,
+    "kd_bwd": _fake_kd_bwd,
+    "topk": _fake_topk,
+}
 
 
 def _infonce_setup(ctx, inputs, output):
@@ -61,7 +67,7 @@ def _siglip_setup(ctx, inputs, output):
 
 
 def _kd_setup(ctx, inputs, output):
-    a, b, ta, tb, scale, teacher_scale, w_row, w_col, cw, kind, block = inputs
+    a, b, ta, tb, scale, teacher_scale, w_row, w_col, cw, _kind, block = inputs
     ctx.save_for_backward(a, b, ta, tb, scale, teacher_scale, output[1])
     ctx.args = (w_row, w_col, cw, block)
 
@@ -96,8 +102,10 @@ def register(namespace: str, ops: dict[str, object] | None = None) -> None:
         da, db, dscale = lib_ops.kd_bwd(grad, a, b, ta, tb, scale, teacher_scale, stats, *ctx.args)
         return da, db, None, None, dscale, None, None, None, None, None, None
 
-    for name, backward, setup in (("infonce_fwd", infonce_backward, _infonce_setup),
-                                  ("siglip", siglip_backward, _siglip_setup),
-                                  ("kd_fwd", kd_backward, _kd_setup)):
+    for name, backward, setup in (
+        ("infonce_fwd", infonce_backward, _infonce_setup),
+        ("siglip", siglip_backward, _siglip_setup),
+        ("kd_fwd", kd_backward, _kd_setup),
+    ):
         target = ops[name] if ops is not None else f"{namespace}::{name}"
         torch.library.register_autograd(target, backward, setup_context=setup)

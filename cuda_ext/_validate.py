@@ -7,8 +7,9 @@ import torch
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_embeddings(named: dict[str, torch.Tensor], *, same_width: tuple[str, ...] = (),
-                     check_finite: bool = True) -> None:
+def check_embeddings(
+    named: dict[str, torch.Tensor], *, same_width: tuple[str, ...] = (), check_finite: bool = True
+) -> None:
     """Validate 2-D embedding tensors that go into one op.
 
     Args:
@@ -31,11 +32,9 @@ def check_embeddings(named: dict[str, torch.Tensor], *, same_width: tuple[str, .
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
         if t.device != first.device:
-            raise TypeError(f"{name} is on {t.device} but {first_name} is on {first.device}: "
-                            "move both to one device")
+            raise TypeError(f"{name} is on {t.device} but {first_name} is on {first.device}: move both to one device")
         if t.dtype != first.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}: "
-                            "cast both to one dtype")
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}: cast both to one dtype")
     if same_width:
         widths = {name: named[name].shape[1] for name in same_width}
         if len(set(widths.values())) > 1:
@@ -74,8 +73,9 @@ def as_scalar(value: float | torch.Tensor, name: str, like: torch.Tensor) -> tor
 def check_offset(offset: int, n: int, m: int) -> None:
     """Positives sit at (i, i + offset) for i < n; they must fit in the m columns."""
     if offset < 0 or n + offset > m:
-        raise ValueError(f"positives at (i, i + offset) need 0 <= offset and N + offset <= M; "
-                         f"got N={n}, M={m}, offset={offset}")
+        raise ValueError(
+            f"positives at (i, i + offset) need 0 <= offset and N + offset <= M; got N={n}, M={m}, offset={offset}"
+        )
 
 
 def check_weights(**weights: float) -> None:

@@ -12,7 +12,8 @@ from typing import Literal
 
 import torch
 
-from . import _build, _tiled_ops, reference
+# _tiled_ops registers the tiled custom ops (torch.ops.distill_tiled) when imported.
+from . import _build, _tiled_ops, reference  # noqa: F401
 from ._validate import as_scalar, check_embeddings, check_offset, check_weights
 
 Backend = Literal["auto", "reference", "tiled", "cuda"]
@@ -33,8 +34,10 @@ def resolve_backend(backend: str, x: torch.Tensor, n: int, m: int) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "cuda":
         if x.device.type != "cuda":
-            raise RuntimeError(f"backend='cuda' needs CUDA tensors, but the embeddings are on {x.device}; "
-                               "use backend='tiled' or 'auto' on CPU")
+            raise RuntimeError(
+                f"backend='cuda' needs CUDA tensors, but the embeddings are on {x.device}; "
+                "use backend='tiled' or 'auto' on CPU"
+            )
         _build.load()
         return "cuda"
     if backend != "auto":
@@ -50,9 +53,17 @@ def _ops(name: str):
     return torch.ops.distill_cuda if name == "cuda" else torch.ops.distill_tiled
 
 
-def infonce_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: float | torch.Tensor, *,
-                 offset: int = 0, row_weight: float = 0.5, col_weight: float = 0.5,
-                 backend: Backend = "auto", block_rows: int = 0) -> torch.Tensor:
+def infonce_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    *,
+    offset: int = 0,
+    row_weight: float = 0.5,
+    col_weight: float = 0.5,
+    backend: Backend = "auto",
+    block_rows: int = 0,
+) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP loss) on ``logit_scale * image @ text.T``.
 
     Positives sit at (i, i + offset): offset 0 is the usual diagonal; a rank holding rows
@@ -83,9 +94,16 @@ def infonce_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: float | t
     return _ops(name).infonce_fwd(image, text, scale, offset, float(row_weight), float(col_weight), block_rows)[0]
 
 
-def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: float | torch.Tensor,
-                logit_bias: float | torch.Tensor, *, offset: int = 0, backend: Backend = "auto",
-                block_rows: int = 0) -> torch.Tensor:
+def siglip_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    logit_bias: float | torch.Tensor,
+    *,
+    offset: int = 0,
+    backend: Backend = "auto",
+    block_rows: int = 0,
+) -> torch.Tensor:
     """Sigmoid loss (SigLIP): ``-sum(logsigmoid(y * (scale * image @ text.T + bias))) / N``.
 
     y is +1 at the positives (i, i + offset) and -1 elsewhere; equals open_clip's ``SigLipLoss``
@@ -115,11 +133,21 @@ def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: float | to
     return _ops(name).siglip(image, text, scale, bias, offset, block_rows, needs_grad)[0]
 
 
-def kd_loss(student_image: torch.Tensor, student_text: torch.Tensor, teacher_image: torch.Tensor,
-            teacher_text: torch.Tensor, logit_scale: float | torch.Tensor,
-            teacher_logit_scale: float | torch.Tensor, *, row_weight: float = 0.5, col_weight: float = 0.5,
-            contrastive_weight: float = 0.0, kind: Literal["kl", "ce"] = "kl", backend: Backend = "auto",
-            block_rows: int = 0) -> torch.Tensor:
+def kd_loss(
+    student_image: torch.Tensor,
+    student_text: torch.Tensor,
+    teacher_image: torch.Tensor,
+    teacher_text: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    teacher_logit_scale: float | torch.Tensor,
+    *,
+    row_weight: float = 0.5,
+    col_weight: float = 0.5,
+    contrastive_weight: float = 0.0,
+    kind: Literal["kl", "ce"] = "kl",
+    backend: Backend = "auto",
+    block_rows: int = 0,
+) -> torch.Tensor:
     """Relational distillation: the student's row and column similarity distributions follow the teacher's.
 
     Student logits ``logit_scale * student_image @ student_text.T``, teacher logits
@@ -147,14 +175,28 @@ def kd_loss(student_image: torch.Tensor, student_text: torch.Tensor, teacher_ima
     Returns:
         Scalar loss.
     """
-    check_embeddings({"student_image": student_image, "student_text": student_text,
-                      "teacher_image": teacher_image, "teacher_text": teacher_text})
-    check_embeddings({"student_image": student_image, "student_text": student_text},
-                     same_width=("student_image", "student_text"), check_finite=False)
-    check_embeddings({"teacher_image": teacher_image, "teacher_text": teacher_text},
-                     same_width=("teacher_image", "teacher_text"), check_finite=False)
-    for s_name, s, t_name, t in (("student_image", student_image, "teacher_image", teacher_image),
-                                 ("student_text", student_text, "teacher_text", teacher_text)):
+    check_embeddings(
+        {
+            "student_image": student_image,
+            "student_text": student_text,
+            "teacher_image": teacher_image,
+            "teacher_text": teacher_text,
+        }
+    )
+    check_embeddings(
+        {"student_image": student_image, "student_text": student_text},
+        same_width=("student_image", "student_text"),
+        check_finite=False,
+    )
+    check_embeddings(
+        {"teacher_image": teacher_image, "teacher_text": teacher_text},
+        same_width=("teacher_image", "teacher_text"),
+        check_finite=False,
+    )
+    for s_name, s, t_name, t in (
+        ("student_image", student_image, "teacher_image", teacher_image),
+        ("student_text", student_text, "teacher_text", teacher_text),
+    ):
         if s.shape[0] != t.shape[0]:
             raise ValueError(f"{s_name} has {s.shape[0]} rows but {t_name} has {t.shape[0]}")
     if kind not in ("kl", "ce"):
@@ -168,15 +210,37 @@ def kd_loss(student_image: torch.Tensor, student_text: torch.Tensor, teacher_ima
     teacher_image, teacher_text = teacher_image.detach(), teacher_text.detach()
     name = resolve_backend(backend, student_image, n, m)
     if name == "reference":
-        return reference.kd(student_image, student_text, teacher_image, teacher_text, scale, t_scale,
-                            row_weight, col_weight, contrastive_weight, kind)
-    return _ops(name).kd_fwd(student_image, student_text, teacher_image, teacher_text, scale, t_scale,
-                             float(row_weight), float(col_weight), float(contrastive_weight), kind, block_rows)[0]
+        return reference.kd(
+            student_image,
+            student_text,
+            teacher_image,
+            teacher_text,
+            scale,
+            t_scale,
+            row_weight,
+            col_weight,
+            contrastive_weight,
+            kind,
+        )
+    return _ops(name).kd_fwd(
+        student_image,
+        student_text,
+        teacher_image,
+        teacher_text,
+        scale,
+        t_scale,
+        float(row_weight),
+        float(col_weight),
+        float(contrastive_weight),
+        kind,
+        block_rows,
+    )[0]
 
 
 @torch.no_grad()
-def similarity_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, backend: Backend = "auto",
-                    block_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def similarity_topk(
+    queries: torch.Tensor, keys: torch.Tensor, k: int, *, backend: Backend = "auto", block_rows: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k keys per query by dot product, without the (N, M) matrix (zero-shot / retrieval).
 
     Args:

@@ -14,8 +14,9 @@ def _positives(n: int, offset: int, device: torch.device) -> tuple[torch.Tensor,
     return rows, rows + offset
 
 
-def infonce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: int = 0,
-            w_row: float = 0.5, w_col: float = 0.5) -> torch.Tensor:
+def infonce(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: int = 0, w_row: float = 0.5, w_col: float = 0.5
+) -> torch.Tensor:
     """Symmetric InfoNCE on logits ``scale * a @ b.T`` (N, M); positives at (i, i + offset).
 
     The row (a -> b) term is the mean over the N rows of cross entropy; the column (b -> a)
@@ -28,8 +29,7 @@ def infonce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: int =
     return w_row * row_ce + w_col * col_ce
 
 
-def siglip(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-           offset: int = 0) -> torch.Tensor:
+def siglip(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """Sigmoid loss: ``-sum(logsigmoid(y * (scale a b^T + bias))) / N``, y = +1 at positives."""
     logits = scale * a @ b.T + bias
     rows, cols = _positives(a.shape[0], offset, a.device)
@@ -38,9 +38,18 @@ def siglip(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Te
     return -F.logsigmoid(labels * logits).sum() / a.shape[0]
 
 
-def kd(a: torch.Tensor, b: torch.Tensor, ta: torch.Tensor, tb: torch.Tensor, scale: torch.Tensor,
-       teacher_scale: torch.Tensor, w_row: float = 0.5, w_col: float = 0.5,
-       contrastive_weight: float = 0.0, kind: str = "kl") -> torch.Tensor:
+def kd(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    ta: torch.Tensor,
+    tb: torch.Tensor,
+    scale: torch.Tensor,
+    teacher_scale: torch.Tensor,
+    w_row: float = 0.5,
+    w_col: float = 0.5,
+    contrastive_weight: float = 0.0,
+    kind: str = "kl",
+) -> torch.Tensor:
     """Teacher-student distillation over rows and columns of the similarity matrices.
 
     Student logits ``S = scale a b^T``, teacher ``T = teacher_scale ta tb^T`` (detached). Row term:

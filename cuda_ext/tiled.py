@@ -61,8 +61,11 @@ def _tiny(dtype: torch.dtype) -> float:
     return 1e-25 if dtype == torch.float32 else 1e-280
 
 
-def _fix_underflow(top: torch.Tensor, sums: torch.Tensor, recompute: Callable[[torch.Tensor], torch.Tensor],
-                   ) -> torch.Tensor:
+def _fix_underflow(
+    top: torch.Tensor,
+    sums: torch.Tensor,
+    recompute: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
     """Per-column reference maxima for column sums taken relative to the block maximum ``top``.
 
     The sums are sum_i exp(S_ij - top), taken as GEMVs over the row pass's exponentials
@@ -89,8 +92,9 @@ def _merge_cols(col_max: torch.Tensor, col_sum: torch.Tensor, maxes: torch.Tenso
     col_max.copy_(new_max)
 
 
-def infonce_fwd(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: int, w_row: float,
-                w_col: float, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def infonce_fwd(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: int, w_row: float, w_col: float, block: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE loss (see ``reference.infonce``) and its statistics.
 
     Returns:
@@ -115,14 +119,23 @@ def infonce_fwd(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: i
         _merge_cols(col_max, col_sum, maxes, sums)
     lse_c = col_sum.log_().add_(col_max)
     # Positive logits are N dot products: O(N D), no need to fish them out of the blocks.
-    pos = (a_c * b_c[offset: offset + n]).sum(dim=1) * s
-    loss = w_row * (lse_r - pos).mean() + w_col * (lse_c[offset: offset + n] - pos).mean()
+    pos = (a_c * b_c[offset : offset + n]).sum(dim=1) * s
+    loss = w_row * (lse_r - pos).mean() + w_col * (lse_c[offset : offset + n] - pos).mean()
     return loss.to(a.dtype), lse_r, lse_c
 
 
-def infonce_bwd(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
-                lse_r: torch.Tensor, lse_c: torch.Tensor, offset: int, w_row: float, w_col: float,
-                block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def infonce_bwd(
+    grad: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    lse_r: torch.Tensor,
+    lse_c: torch.Tensor,
+    offset: int,
+    w_row: float,
+    w_col: float,
+    block: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``infonce_fwd``'s loss: (da (N, D), db (M, D), dscale (0-d)).
 
     dL/dlogits = w_row/N (softmax_rows - onehot) + w_col/N (softmax_cols - onehot), restricted
@@ -133,7 +146,7 @@ def infonce_bwd(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: tor
     s = scale.to(a_c.dtype)
     row_shift = lse_r + _neg_log(w_row / n)
     col_shift = torch.full_like(lse_c, math.inf)  # columns without a positive have no column term
-    col_shift[offset: offset + n] = lse_c[offset: offset + n] + _neg_log(w_col / n)
+    col_shift[offset : offset + n] = lse_c[offset : offset + n] + _neg_log(w_col / n)
     da, db = torch.empty_like(a_c), torch.zeros_like(b_c)
     dscale = a_c.new_zeros(())
     (buf,), scratch = _buffers(1, n, m, block, a_c), _scratch(n, m, block, a_c)
@@ -142,7 +155,7 @@ def infonce_bwd(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: tor
         g = torch.mm(a_blk * s, b_c.T, out=buf[: r1 - r0])
         for c0, c1 in _chunks(r1 - r0, m):
             chunk = g[c0:c1]
-            p = torch.sub(chunk, row_shift[r0 + c0: r0 + c1, None], out=scratch[: c1 - c0]).exp_()
+            p = torch.sub(chunk, row_shift[r0 + c0 : r0 + c1, None], out=scratch[: c1 - c0]).exp_()
             chunk.sub_(col_shift).exp_().add_(p)
         g.diagonal(r0 + offset).sub_((w_row + w_col) / n)
         gb = g @ b_c
@@ -157,8 +170,9 @@ def infonce_bwd(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: tor
     return da.to(a.dtype), db.to(b.dtype), (dscale * grad).to(scale.dtype)
 
 
-def siglip_fused(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                 offset: int, block: int, with_grad: bool) -> tuple[torch.Tensor, ...]:
+def siglip_fused(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, offset: int, block: int, with_grad: bool
+) -> tuple[torch.Tensor, ...]:
     """Sigmoid loss and, with ``with_grad``, its gradients in the same sweep (3 GEMM passes).
 
     loss = (sum softplus(z) - sum_pos z) / N with z = scale a b^T + bias, which equals
@@ -191,7 +205,7 @@ def siglip_fused(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: to
         da[r0:r1] = gb.mul_(s)
         db.addmm_(g.T, a_blk)
     del buf, scratch
-    pos = (a_c * b_c[offset: offset + n]).sum(dim=1) * s + c
+    pos = (a_c * b_c[offset : offset + n]).sum(dim=1) * s + c
     loss = ((total - pos.sum()) / n).to(a.dtype)
     if not with_grad:
         return (loss,)

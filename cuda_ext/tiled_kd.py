@@ -18,8 +18,9 @@ import torch
 from .tiled import _blocks, _buffers, _chunks, _compute, _fix_underflow, _merge_cols, _neg_log, _scratch, _tiny
 
 
-def _teacher_cols(row_max: torch.Tensor, probs: torch.Tensor, x: torch.Tensor, recompute: Callable,
-                  col: list[torch.Tensor]) -> None:
+def _teacher_cols(
+    row_max: torch.Tensor, probs: torch.Tensor, x: torch.Tensor, recompute: Callable, col: list[torch.Tensor]
+) -> None:
     """Online column update of (max, sum exp(T - max), sum exp(T - max) X) for one block.
 
     ``probs`` holds exp(T - row max) and is overwritten with probs * X. As in
@@ -45,9 +46,19 @@ def _teacher_cols(row_max: torch.Tensor, probs: torch.Tensor, x: torch.Tensor, r
     col_max.copy_(new_max)
 
 
-def kd_fwd(a: torch.Tensor, b: torch.Tensor, ta: torch.Tensor, tb: torch.Tensor, scale: torch.Tensor,
-           teacher_scale: torch.Tensor, w_row: float, w_col: float, contrastive_weight: float, kind: str,
-           block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def kd_fwd(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    ta: torch.Tensor,
+    tb: torch.Tensor,
+    scale: torch.Tensor,
+    teacher_scale: torch.Tensor,
+    w_row: float,
+    w_col: float,
+    contrastive_weight: float,
+    kind: str,
+    block: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """KD loss (see ``reference.kd``) and its statistics.
 
     Returns:
@@ -76,7 +87,7 @@ def kd_fwd(a: torch.Tensor, b: torch.Tensor, ta: torch.Tensor, tb: torch.Tensor,
             row_sum[c0:c1] = p.sum(dim=1)
             sums.addmv_(p.T, w[c0:c1])
         lse_s[r0:r1] = row_sum.log_().add_(row_max)
-        _merge_cols(*s_col, _fix_underflow(top, sums, lambda cols: a_blk @ b_c[cols].T), sums)
+        _merge_cols(*s_col, _fix_underflow(top, sums, lambda cols, a_blk=a_blk: a_blk @ b_c[cols].T), sums)
         x = torch.sub(tb_, sb, out=sb) if kind == "kl" else sb.neg_()  # X overwrites S
         # Teacher statistics in place: T is not needed once exp(T - row max) is formed.
         row_max = tb_.amax(dim=1)
@@ -105,9 +116,20 @@ def kd_fwd(a: torch.Tensor, b: torch.Tensor, ta: torch.Tensor, tb: torch.Tensor,
     return loss.to(a.dtype), stats
 
 
-def kd_bwd(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ta: torch.Tensor, tb: torch.Tensor,
-           scale: torch.Tensor, teacher_scale: torch.Tensor, stats: torch.Tensor, w_row: float, w_col: float,
-           contrastive_weight: float, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def kd_bwd(
+    grad: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    ta: torch.Tensor,
+    tb: torch.Tensor,
+    scale: torch.Tensor,
+    teacher_scale: torch.Tensor,
+    stats: torch.Tensor,
+    w_row: float,
+    w_col: float,
+    contrastive_weight: float,
+    block: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``kd_fwd``'s loss for the student: (da (N, D), db (M, D), dscale (0-d))."""
     a_c, b_c, ta_c, tb_c = _compute(a), _compute(b), _compute(ta), _compute(tb)
     n, m = a_c.shape[0], b_c.shape[0]

@@ -30,8 +30,12 @@ def build_augment(policy: AugmentPolicy) -> Callable[[Image.Image], Image.Image]
     same augmented image ("consistent teaching"): the teacher's targets describe exactly what the
     student sees.
     """
-    policies = {"none": None, "trivialaugment": v2.TrivialAugmentWide, "randaugment": v2.RandAugment,
-                "augmix": v2.AugMix}
+    policies = {
+        "none": None,
+        "trivialaugment": v2.TrivialAugmentWide,
+        "randaugment": v2.RandAugment,
+        "augmix": v2.AugMix,
+    }
     if policy not in policies:
         raise ValueError(f"augment must be one of {sorted(policies)}, got {policy!r}")
     return None if policies[policy] is None else policies[policy]()
@@ -55,9 +59,15 @@ class ModelIO:
         augment: PIL -> PIL augmentation of training images, before every view.
     """
 
-    def __init__(self, train_transform: Callable | None = None, eval_transform: Callable | None = None,
-                 tokenizer: Callable | None = None, teacher_transform: Callable | None = None,
-                 teacher_tokenizer: Callable | None = None, augment: Callable | None = None) -> None:
+    def __init__(
+        self,
+        train_transform: Callable | None = None,
+        eval_transform: Callable | None = None,
+        tokenizer: Callable | None = None,
+        teacher_transform: Callable | None = None,
+        teacher_tokenizer: Callable | None = None,
+        augment: Callable | None = None,
+    ) -> None:
         self.augment = augment
         self.train_transform = train_transform or to_float_tensor
         self.eval_transform = eval_transform or to_float_tensor
@@ -67,9 +77,19 @@ class ModelIO:
     @classmethod
     def from_model(cls, model: Any, augment: Callable | None = None) -> ModelIO:
         """Read the transforms and tokenizers a module exposes (each attribute optional)."""
-        return cls(*(getattr(model, name, None) for name in (
-            "preprocess_train", "preprocess_val", "tokenizer", "teacher_preprocess", "teacher_tokenizer")),
-            augment=augment)
+        return cls(
+            *(
+                getattr(model, name, None)
+                for name in (
+                    "preprocess_train",
+                    "preprocess_val",
+                    "tokenizer",
+                    "teacher_preprocess",
+                    "teacher_tokenizer",
+                )
+            ),
+            augment=augment,
+        )
 
     def views(self, split: str) -> Views:
         """The image views of a split: the model's, plus the teacher's when training."""
@@ -92,8 +112,9 @@ class Views:
             carries ``augmented=True`` (its teacher embeddings change every epoch).
     """
 
-    def __init__(self, transform: Callable, teacher_transform: Callable | None = None,
-                 augment: Callable | None = None) -> None:
+    def __init__(
+        self, transform: Callable, teacher_transform: Callable | None = None, augment: Callable | None = None
+    ) -> None:
         self.transform, self.teacher_transform, self.augment = transform, teacher_transform, augment
 
     def __call__(self, image: Image.Image) -> dict[str, Any]:
@@ -119,8 +140,10 @@ class ImageTextCollate:
         self.tokenizer, self.teacher_tokenizer = tokenizer, teacher_tokenizer
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch: dict[str, Any] = {"caption": [s["caption"] for s in samples],
-                                 "augmented": any(s.get("augmented", False) for s in samples)}
+        batch: dict[str, Any] = {
+            "caption": [s["caption"] for s in samples],
+            "augmented": any(s.get("augmented", False) for s in samples),
+        }
         for key in ("image", "teacher_image"):
             if key in samples[0]:
                 batch[key] = torch.stack([s[key] for s in samples])

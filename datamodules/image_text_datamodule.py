@@ -34,9 +34,18 @@ def read_pairs_csv(path: str | Path, root: Path, image_column: str, caption_colu
 class CsvPairsDataset(Dataset):
     """Rows of a pairs CSV as samples ``{image, caption, label, domain}``."""
 
-    def __init__(self, rows: list[dict[str, str]], root: Path, image_column: str, caption_column: str,
-                 label_of: dict[str, int], domain_of: dict[str, int], label_column: str,
-                 domain_column: str, transform=None) -> None:
+    def __init__(
+        self,
+        rows: list[dict[str, str]],
+        root: Path,
+        image_column: str,
+        caption_column: str,
+        label_of: dict[str, int],
+        domain_of: dict[str, int],
+        label_column: str,
+        domain_column: str,
+        transform=None,
+    ) -> None:
         self.rows, self.root, self.transform = rows, root, transform
         self.image_column, self.caption_column = image_column, caption_column
         self.label_of, self.domain_of = label_of, domain_of
@@ -49,9 +58,13 @@ class CsvPairsDataset(Dataset):
         row = self.rows[index]
         with Image.open(self.root / row[self.image_column]) as img:
             views = (self.transform or Views(to_float_tensor))(img.convert("RGB"))
-        return {**views, "caption": row[self.caption_column],
-                "label": self.label_of.get(row.get(self.label_column, ""), -1),
-                "domain": self.domain_of.get(row.get(self.domain_column) or "default", 0), "index": index}
+        return {
+            **views,
+            "caption": row[self.caption_column],
+            "label": self.label_of.get(row.get(self.label_column, ""), -1),
+            "domain": self.domain_of.get(row.get(self.domain_column) or "default", 0),
+            "index": index,
+        }
 
 
 class ImageTextDataModule(LoaderMixin):
@@ -79,11 +92,22 @@ class ImageTextDataModule(LoaderMixin):
             teacher's transforms so both see the same image.
     """
 
-    def __init__(self, root: str, train_csv: str | None = None, val_csv: str | None = None,
-                 test_csv: str | None = None, image_column: str = "filepath", caption_column: str = "caption",
-                 class_column: str = "classname", domain_column: str = "domain",
-                 ood_domains: list[str] | None = None, templates: list[str] | None = None,
-                 batch_size: int = 64, num_workers: int = 0, augment: AugmentPolicy = "none") -> None:
+    def __init__(
+        self,
+        root: str,
+        train_csv: str | None = None,
+        val_csv: str | None = None,
+        test_csv: str | None = None,
+        image_column: str = "filepath",
+        caption_column: str = "caption",
+        class_column: str = "classname",
+        domain_column: str = "domain",
+        ood_domains: list[str] | None = None,
+        templates: list[str] | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        augment: AugmentPolicy = "none",
+    ) -> None:
         super().__init__()
         build_augment(augment)  # fail on an unknown policy now, not at setup
         self.augment = augment
@@ -119,8 +143,21 @@ class ImageTextDataModule(LoaderMixin):
             raise ValueError(f"no {split}_csv was given to ImageTextDataModule")
         label_of = {c: i for i, c in enumerate(self.classnames)}
         domain_of = {d: i for i, d in enumerate(self.domain_names)}
-        dataset = CsvPairsDataset(self.rows[split], self.root, label_of=label_of, domain_of=domain_of,
-                                  label_column=self.class_column, domain_column=self.domain_column,
-                                  transform=self.io.views(split), **self.columns)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=self.io.collate(split), drop_last=shuffle and len(dataset) > self.batch_size)
+        dataset = CsvPairsDataset(
+            self.rows[split],
+            self.root,
+            label_of=label_of,
+            domain_of=domain_of,
+            label_column=self.class_column,
+            domain_column=self.domain_column,
+            transform=self.io.views(split),
+            **self.columns,
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=self.io.collate(split),
+            drop_last=shuffle and len(dataset) > self.batch_size,
+        )

@@ -51,18 +51,37 @@ class ShapesWorldDataset(Dataset):
         cache: render every item once up front (fast epochs) instead of on access.
     """
 
-    def __init__(self, split: str, size: int, domains: Sequence[int], labels: Sequence[int], image_size: int,
-                 task: str, num_colours: int, second_object_prob: float, seed: int,
-                 transform=None, cache: bool = True) -> None:
+    def __init__(
+        self,
+        split: str,
+        size: int,
+        domains: Sequence[int],
+        labels: Sequence[int],
+        image_size: int,
+        task: str,
+        num_colours: int,
+        second_object_prob: float,
+        seed: int,
+        transform=None,
+        cache: bool = True,
+    ) -> None:
         self.split, self.size, self.domains, self.labels = split, size, list(domains), list(labels)
-        self.kwargs = dict(seed=seed, split=split, image_size=image_size, task=task, num_colours=num_colours,
-                           second_object_prob=second_object_prob)
+        self.kwargs = dict(
+            seed=seed,
+            split=split,
+            image_size=image_size,
+            task=task,
+            num_colours=num_colours,
+            second_object_prob=second_object_prob,
+        )
         self.transform = transform
         self._images: np.ndarray | None = None
         self._captions: list[str] | None = None
         if cache:
-            items = [self.item(i) for i in tqdm(range(size), desc=f"rendering ShapesWorld {split}",
-                                                  leave=False, disable=size < 2000)]
+            items = [
+                self.item(i)
+                for i in tqdm(range(size), desc=f"rendering ShapesWorld {split}", leave=False, disable=size < 2000)
+            ]
             self._images = np.stack([it.image for it in items])
             self._captions = [it.caption for it in items]
 
@@ -153,8 +172,9 @@ class ShapesWorldDataModule(LoaderMixin):
         self.eval_labels = split_classes(self.classnames_all, eval_classes or train_classes)
         if not 16 <= image_size <= 1024:
             raise ValueError(f"image_size must be in [16, 1024], got {image_size}")
-        self.world_kwargs = dict(image_size=image_size, task=task, num_colours=num_colours,
-                             second_object_prob=second_object_prob, seed=seed)
+        self.world_kwargs = dict(
+            image_size=image_size, task=task, num_colours=num_colours, second_object_prob=second_object_prob, seed=seed
+        )
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.batch_size, self.num_workers, self.cache_images = batch_size, num_workers, cache_images
         self.io = ModelIO()
@@ -215,12 +235,19 @@ class ShapesWorldDataModule(LoaderMixin):
         names = self.train_domain_names if split == "train" else self.train_domain_names + self.ood_domain_names
         labels = self.train_labels if split == "train" else self.eval_labels
         domains = [sw.DOMAINS.index(d) for d in names]
-        return ShapesWorldDataset(split, self.sizes[split], domains, labels, cache=self.cache_images, **self.world_kwargs)
+        return ShapesWorldDataset(
+            split, self.sizes[split], domains, labels, cache=self.cache_images, **self.world_kwargs
+        )
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, collate_fn=self.io.collate(split),
-                          drop_last=shuffle and len(self.datasets[split]) > self.batch_size,
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=self.io.collate(split),
+            drop_last=shuffle and len(self.datasets[split]) > self.batch_size,
+            persistent_workers=self.num_workers > 0,
+        )

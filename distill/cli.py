@@ -22,12 +22,11 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 # Imported so that their classes can be named without a module path in configs.
-import distill.callbacks  # noqa: F401
-import distill.datamodules  # noqa: F401
+import distill.callbacks
+import distill.datamodules
 import distill.modules  # noqa: F401
 from distill.export.parity import ParityError
-from distill.export.pipeline import (DEFAULT_QUANTIZE, Gates, eval_set_from_datamodule, export_bundle,
-                                     load_checkpoint)
+from distill.export.pipeline import DEFAULT_QUANTIZE, Gates, eval_set_from_datamodule, export_bundle, load_checkpoint
 from distill.export.report import markdown_report
 
 # Errors a user's config or files cause (bad model name, missing file, unknown domain...):
@@ -88,9 +87,18 @@ class DistillTrainer(pl.Trainer):
             calibration = [s["image"] for s in datamodule.raw_samples("train", num_calibration_images)]
         teacher = getattr(model, "teacher", None)
         logit_scale = float(teacher.logit_scale) if teacher is not None else 100.0
-        report = export_bundle(model, eval_set, calibration, output_dir, opset=opset, quantize=quantize,
-                               bitsandbytes=bitsandbytes, logit_scale=logit_scale, latency_repeats=latency_repeats,
-                               gates=Gates(fp32_max_abs_diff, int8_max_top1_drop, allow_failed_int8))
+        report = export_bundle(
+            model,
+            eval_set,
+            calibration,
+            output_dir,
+            opset=opset,
+            quantize=quantize,
+            bitsandbytes=bitsandbytes,
+            logit_scale=logit_scale,
+            latency_repeats=latency_repeats,
+            gates=Gates(fp32_max_abs_diff, int8_max_top1_drop, allow_failed_int8),
+        )
         print(markdown_report(report))
         print(f"edge bundle written to {output_dir}")
         return report
@@ -110,8 +118,11 @@ class DistillCLI(LightningCLI):
             super()._parse_ckpt_path()
         except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError, ValueError) as err:
             path = self.config[self.config.subcommand].get("ckpt_path")
-            print(f"distill: error: {path} is not a distill checkpoint (unreadable as a weights-only torch "
-                  f"checkpoint: {type(err).__name__})", file=sys.stderr)
+            print(
+                f"distill: error: {path} is not a distill checkpoint (unreadable as a weights-only torch "
+                f"checkpoint: {type(err).__name__})",
+                file=sys.stderr,
+            )
             raise SystemExit(2) from err
 
     def _run_subcommand(self, subcommand: str) -> None:

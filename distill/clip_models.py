@@ -15,9 +15,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import open_clip
 import torch
@@ -58,7 +59,8 @@ def check_model_name(model_name: str) -> str:
     if model_name.startswith("hf-hub:"):
         raise ValueError(
             f"{model_name!r}: hub models cannot be fetched here; download the repository and pass "
-            "'local-dir:/path/to/it' instead")
+            "'local-dir:/path/to/it' instead"
+        )
     known = open_clip.list_models()
     if model_name.replace("/", "-") not in known:
         close = difflib.get_close_matches(model_name, known, n=5, cutoff=0.5)
@@ -86,15 +88,18 @@ def resolve_pretrained(model_name: str, pretrained: str | None, cache_dir: str |
     if pretrained not in tags:
         if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")):
             raise FileNotFoundError(f"pretrained weights file not found: {pretrained}")
-        raise ValueError(f"{pretrained!r} is neither a file nor a pretrained tag of {model_name!r} "
-                         f"(tags: {', '.join(tags) or 'none'})")
+        raise ValueError(
+            f"{pretrained!r} is neither a file nor a pretrained tag of {model_name!r} "
+            f"(tags: {', '.join(tags) or 'none'})"
+        )
     cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
     local = _cached_file(cfg, cache_dir)
     if local is None:
         raise FileNotFoundError(
             f"weights for {model_name!r} / {pretrained!r} are not in the local cache and nothing is "
             f"downloaded at run time; fetch them on a machine with network access and pass the file "
-            f"as `pretrained: /path/to/open_clip_model.safetensors` (or a `local-dir:` folder)")
+            f"as `pretrained: /path/to/open_clip_model.safetensors` (or a `local-dir:` folder)"
+        )
     return local
 
 
@@ -131,16 +136,18 @@ def load_model_config(model_config: dict | PathLike) -> dict[str, Any]:
     cfg = copy.deepcopy(dict(model_config.get("model_cfg", model_config)))
     missing = {"embed_dim", "vision_cfg", "text_cfg"} - set(cfg)
     if missing:
-        raise KeyError(f"model config lacks {sorted(missing)}; an open_clip model_cfg needs "
-                       "embed_dim, vision_cfg and text_cfg")
+        raise KeyError(
+            f"model config lacks {sorted(missing)}; an open_clip model_cfg needs embed_dim, vision_cfg and text_cfg"
+        )
     return cfg
 
 
 def _tokenizer_for(text_cfg: dict[str, Any]) -> Callable:
     context_length = text_cfg.get("context_length", 77)
     if "hf_tokenizer_name" in text_cfg:
-        return open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length,
-                                               **text_cfg.get("tokenizer_kwargs", {}))
+        return open_clip.tokenizer.HFTokenizer(
+            text_cfg["hf_tokenizer_name"], context_length=context_length, **text_cfg.get("tokenizer_kwargs", {})
+        )
     return open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
 
 

@@ -30,8 +30,14 @@ import torch.nn.functional as F
 from distill.cuda_ext import infonce_loss, kd_loss
 from distill.objectives import Objective, _check_backend
 
-__all__ = ["FeatureDistillation", "AffinityDistillation", "InteractiveContrastive", "LogitDistillation",
-           "LabelCrossEntropy", "ClassTextAlignment"]
+__all__ = [
+    "AffinityDistillation",
+    "ClassTextAlignment",
+    "FeatureDistillation",
+    "InteractiveContrastive",
+    "LabelCrossEntropy",
+    "LogitDistillation",
+]
 
 
 def _student_text(outputs: Mapping[str, torch.Tensor], obj: Objective) -> torch.Tensor:
@@ -54,8 +60,13 @@ class FeatureDistillation(Objective):
 
     default_name = "fd"
 
-    def __init__(self, weight: float = 1.0, loss: Literal["mse", "cosine"] = "mse",
-                 modality: Literal["image", "text", "both"] = "image", name: str | None = None) -> None:
+    def __init__(
+        self,
+        weight: float = 1.0,
+        loss: Literal["mse", "cosine"] = "mse",
+        modality: Literal["image", "text", "both"] = "image",
+        name: str | None = None,
+    ) -> None:
         super().__init__(weight=weight, name=name or f"fd_{loss}")
         if loss not in ("mse", "cosine"):
             raise ValueError(f"loss must be 'mse' or 'cosine', got {loss!r}")
@@ -63,8 +74,10 @@ class FeatureDistillation(Objective):
 
     def _one(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         if student.shape != teacher.shape:
-            raise ValueError(f"student embeddings {tuple(student.shape)} and teacher embeddings "
-                             f"{tuple(teacher.shape)} differ: give the student a projection to the teacher's width")
+            raise ValueError(
+                f"student embeddings {tuple(student.shape)} and teacher embeddings "
+                f"{tuple(teacher.shape)} differ: give the student a projection to the teacher's width"
+            )
         if self.loss == "mse":
             return F.mse_loss(student, teacher)
         return (1 - F.cosine_similarity(student, teacher, dim=1)).mean()
@@ -74,8 +87,12 @@ class FeatureDistillation(Objective):
         if self.modality in ("image", "both"):
             terms.append(self._one(self._get(outputs, "image_embeds"), self._get(outputs, "teacher_image_embeds")))
         if self.modality in ("text", "both"):
-            terms.append(self._one(self._get(outputs, "text_embeds", "only dual-tower students embed text"),
-                                   self._get(outputs, "teacher_text_embeds")))
+            terms.append(
+                self._one(
+                    self._get(outputs, "text_embeds", "only dual-tower students embed text"),
+                    self._get(outputs, "teacher_text_embeds"),
+                )
+            )
         return sum(terms) / len(terms)
 
 
@@ -97,8 +114,9 @@ class AffinityDistillation(Objective):
 
     default_name = "affinity"
 
-    def __init__(self, weight: float = 1.0, temperature: float | None = None, name: str | None = None,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self, weight: float = 1.0, temperature: float | None = None, name: str | None = None, backend: str = "auto"
+    ) -> None:
         super().__init__(weight=weight, name=name)
         if temperature is not None and not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -132,8 +150,9 @@ class InteractiveContrastive(Objective):
 
     default_name = "icl"
 
-    def __init__(self, weight: float = 1.0, temperature: float | None = None, name: str | None = None,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self, weight: float = 1.0, temperature: float | None = None, name: str | None = None, backend: str = "auto"
+    ) -> None:
         super().__init__(weight=weight, name=name)
         self.temperature = temperature
         self.backend = _check_backend(backend)
@@ -145,7 +164,9 @@ class InteractiveContrastive(Objective):
         scale = 1.0 / self.temperature if self.temperature else self._get(outputs, "teacher_logit_scale")
         loss = self._info_nce(self._get(outputs, "image_embeds"), self._get(outputs, "teacher_text_embeds"), scale)
         if "text_embeds" in outputs:
-            loss = (loss + self._info_nce(self._get(outputs, "teacher_image_embeds"), outputs["text_embeds"], scale)) / 2
+            loss = (
+                loss + self._info_nce(self._get(outputs, "teacher_image_embeds"), outputs["text_embeds"], scale)
+            ) / 2
         return loss
 
 
@@ -164,8 +185,9 @@ class LogitDistillation(Objective):
 
     default_name = "logit_kd"
 
-    def __init__(self, weight: float = 1.0, temperature: float = 2.0, name: str | None = None,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self, weight: float = 1.0, temperature: float = 2.0, name: str | None = None, backend: str = "auto"
+    ) -> None:
         super().__init__(weight=weight, name=name)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -178,9 +200,10 @@ class LogitDistillation(Objective):
         bank, teacher_img = bank.to(img.dtype), self._get(outputs, "teacher_image_embeds").to(img.dtype)
         # Row-only KD over the (N, C) class logits: the bank is both sides' "text".
         s = scale / self.temperature
-        loss = kd_loss(img, bank, teacher_img, bank.detach(), s, s, row_weight=1.0, col_weight=0.0,
-                       kind="kl", backend=self.backend)
-        return loss * self.temperature ** 2
+        loss = kd_loss(
+            img, bank, teacher_img, bank.detach(), s, s, row_weight=1.0, col_weight=0.0, kind="kl", backend=self.backend
+        )
+        return loss * self.temperature**2
 
 
 class LabelCrossEntropy(Objective):

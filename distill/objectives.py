@@ -22,7 +22,7 @@ from torch import nn
 
 from distill.cuda_ext import BACKENDS, infonce_loss, siglip_loss
 
-__all__ = ["Objective", "InfoNCE", "SigLIP", "DCL", "SoftTargetContrastive", "weighted_sum"]
+__all__ = ["DCL", "InfoNCE", "Objective", "SigLIP", "SoftTargetContrastive", "weighted_sum"]
 
 
 def _check_pair(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> None:
@@ -41,8 +41,7 @@ def _check_pair(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> None:
             raise ValueError(f"{key} must be 2-D (N, D), got shape {tuple(t.shape)}")
     if image_embeds.shape != text_embeds.shape:
         raise ValueError(
-            f"image_embeds has shape {tuple(image_embeds.shape)} "
-            f"but text_embeds has {tuple(text_embeds.shape)}"
+            f"image_embeds has shape {tuple(image_embeds.shape)} but text_embeds has {tuple(text_embeds.shape)}"
         )
     if image_embeds.shape[0] == 0:
         raise ValueError("image_embeds and text_embeds are empty (N == 0)")
@@ -123,8 +122,9 @@ class InfoNCE(Objective):
 
     default_name = "infonce"
 
-    def __init__(self, weight: float = 1.0, max_logit_scale: float = 100.0, name: str | None = None,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self, weight: float = 1.0, max_logit_scale: float = 100.0, name: str | None = None, backend: str = "auto"
+    ) -> None:
         super().__init__(weight=weight, name=name)
         self.max_logit_scale = _check_max_scale(max_logit_scale)
         self.backend = _check_backend(backend)
@@ -154,9 +154,7 @@ class SigLIP(Objective):
         self.backend = _check_backend(backend)
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        bias = self._get(
-            outputs, "logit_bias", hint="build the model with init_logit_bias, e.g. -10"
-        )
+        bias = self._get(outputs, "logit_bias", hint="build the model with init_logit_bias, e.g. -10")
         img, txt, scale = self._pair_and_scale(outputs, None)
         bias = torch.as_tensor(bias, dtype=img.dtype, device=img.device)
         if bias.numel() != 1:

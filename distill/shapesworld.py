@@ -19,13 +19,27 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-# Words live in shapesworld_text; re-exported here as part of the world's public vocabulary.
-from distill.shapesworld_text import (COLOUR_SYNONYMS, DOMAIN_PHRASES, POSITION_PHRASES, SHAPE_SYNONYMS,
-                                      SIZE_SYNONYMS, ZERO_SHOT_TEMPLATES, caption)
+# Words live in shapesworld_text; ZERO_SHOT_TEMPLATES is part of this module's public API.
+from distill.shapesworld_text import ZERO_SHOT_TEMPLATES as ZERO_SHOT_TEMPLATES
+from distill.shapesworld_text import caption
 
 SHAPES: tuple[str, ...] = (
-    "circle", "square", "triangle", "star", "cross", "heart", "ring", "diamond",
-    "pentagon", "hexagon", "crescent", "arrow", "ellipse", "semicircle", "trapezoid", "bolt",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "heart",
+    "ring",
+    "diamond",
+    "pentagon",
+    "hexagon",
+    "crescent",
+    "arrow",
+    "ellipse",
+    "semicircle",
+    "trapezoid",
+    "bolt",
 )
 """Canonical shape names; the class names of the ``shape`` task, in label order."""
 
@@ -46,8 +60,11 @@ SIZES: tuple[str, ...] = ("small", "medium", "large")
 _SIZE_RADIUS = {"small": (0.19, 0.24), "medium": (0.25, 0.31), "large": (0.32, 0.38)}
 
 POSITIONS: dict[str, tuple[float, float]] = {
-    "center": (0.5, 0.5), "top": (0.5, 0.34), "bottom": (0.5, 0.66),
-    "left": (0.34, 0.5), "right": (0.66, 0.5),
+    "center": (0.5, 0.5),
+    "top": (0.5, 0.34),
+    "bottom": (0.5, 0.66),
+    "left": (0.34, 0.5),
+    "right": (0.66, 0.5),
 }
 DOMAINS: tuple[str, ...] = ("flat", "outline", "texture", "shaded", "sketch", "pixel", "night")
 """Visual domains (styles), in domain-index order."""
@@ -122,8 +139,9 @@ def _outline(shape: str) -> tuple[np.ndarray, np.ndarray | None]:
         return np.stack([outer, inner], 1).reshape(-1, 2), None
     if shape == "cross":
         a, b = 0.32, 0.95
-        return np.array([[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a], [a, b],
-                         [-a, b], [-a, a], [-b, a], [-b, -a], [-a, -a]]), None
+        return np.array(
+            [[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a], [a, b], [-a, b], [-a, a], [-b, a], [-b, -a], [-a, -a]]
+        ), None
     if shape == "heart":
         t = np.linspace(0, 2 * math.pi, 64, endpoint=False)
         x = 16 * np.sin(t) ** 3
@@ -134,8 +152,9 @@ def _outline(shape: str) -> tuple[np.ndarray, np.ndarray | None]:
     if shape == "crescent":
         return _regular_polygon(64, 0.0), _regular_polygon(64, 0.0) * 0.85 + [0.45, -0.1]
     if shape == "arrow":
-        return np.array([[-0.95, -0.25], [0.15, -0.25], [0.15, -0.65], [0.95, 0.0],
-                         [0.15, 0.65], [0.15, 0.25], [-0.95, 0.25]]), None
+        return np.array(
+            [[-0.95, -0.25], [0.15, -0.25], [0.15, -0.65], [0.95, 0.0], [0.15, 0.65], [0.15, 0.25], [-0.95, 0.25]]
+        ), None
     if shape == "ellipse":
         return _regular_polygon(64, 0.0) * [1.0, 0.55], None
     if shape == "semicircle":
@@ -144,8 +163,9 @@ def _outline(shape: str) -> tuple[np.ndarray, np.ndarray | None]:
     if shape == "trapezoid":
         return np.array([[-0.5, -0.6], [0.5, -0.6], [1.0, 0.6], [-1.0, 0.6]]), None
     if shape == "bolt":
-        return np.array([[0.15, -1.0], [-0.55, 0.1], [-0.05, 0.1], [-0.3, 1.0],
-                         [0.6, -0.2], [0.05, -0.2], [0.35, -1.0]]), None
+        return np.array(
+            [[0.15, -1.0], [-0.55, 0.1], [-0.05, 0.1], [-0.3, 1.0], [0.6, -0.2], [0.05, -0.2], [0.35, -1.0]]
+        ), None
     raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
 
 
@@ -177,7 +197,10 @@ def _sketch_mask(outer: np.ndarray, hole: np.ndarray | None, size: int, rng) -> 
     """Two passes of jittered, thin strokes along the shape's boundary (hand-drawn style)."""
     strokes = np.zeros((size, size), np.float32)
     for _ in range(2):
-        jitter = lambda c: None if c is None else c + rng.normal(0, size * 0.012, c.shape)
+
+        def jitter(c: np.ndarray | None) -> np.ndarray | None:
+            return None if c is None else c + rng.normal(0, size * 0.012, c.shape)
+
         filled = _mask(jitter(outer), jitter(hole), size, scale=2)
         strokes = np.maximum(strokes, _stroke_mask(filled, width=1))
     return strokes
@@ -220,8 +243,12 @@ def _render_object(image, domain, shape, colour_rgb, centre, radius, angle, rng)
         return _paint(image, mask, fill)
     if domain == "shaded":
         shadow = np.roll(mask, (size // 20, size // 20), (0, 1))
-        shadow = np.asarray(Image.fromarray((shadow * 255).astype(np.uint8)).filter(
-            ImageFilter.GaussianBlur(size / 40)), np.float32) / 255
+        shadow = (
+            np.asarray(
+                Image.fromarray((shadow * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(size / 40)), np.float32
+            )
+            / 255
+        )
         image = image * (1 - 0.45 * shadow[..., None])
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
         light = centre - radius * 0.45
@@ -229,8 +256,12 @@ def _render_object(image, domain, shape, colour_rgb, centre, radius, angle, rng)
         shade = np.clip(1.35 - 0.85 * dist, 0.35, 1.35)[..., None]
         return _paint(image, mask, np.clip(colour * shade + 25 * (shade > 1.2), 0, 255))
     if domain == "night":
-        glow = np.asarray(Image.fromarray((mask * 255).astype(np.uint8)).filter(
-            ImageFilter.GaussianBlur(size / 25)), np.float32) / 255
+        glow = (
+            np.asarray(
+                Image.fromarray((mask * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(size / 25)), np.float32
+            )
+            / 255
+        )
         image = _paint(image, glow * 0.5, colour)
         return _paint(image, mask, colour)
     return _paint(image, mask, colour)  # flat, pixel
@@ -291,8 +322,7 @@ def render(
     if rng.random() < second_object_prob:
         second = (SHAPES[int(rng.integers(len(SHAPES)))], colours[int(rng.integers(num_colours))])
         corner = np.array([rng.choice([0.14, 0.86]), rng.choice([0.14, 0.86])]) * image_size
-        image = _render_object(image, domain_name, second[0], COLOURS[second[1]], corner,
-                               0.11 * image_size, 0.0, rng)
+        image = _render_object(image, domain_name, second[0], COLOURS[second[1]], corner, 0.11 * image_size, 0.0, rng)
     image = _render_object(image, domain_name, shape, COLOURS[colour], centre, radius, angle, rng)
     pixels = np.clip(image, 0, 255).astype(np.uint8)
     if domain_name == "pixel":
@@ -351,13 +381,29 @@ def write_image_folder(
     for i in range(num_items):
         domain_name = names[i % len(names)]
         label = (i // len(names)) % len(classes)
-        item = render(i, seed=seed, split=split, domain=DOMAINS.index(domain_name), image_size=image_size,
-                      task=task, num_colours=num_colours, second_object_prob=second_object_prob, label=label)
+        item = render(
+            i,
+            seed=seed,
+            split=split,
+            domain=DOMAINS.index(domain_name),
+            image_size=image_size,
+            task=task,
+            num_colours=num_colours,
+            second_object_prob=second_object_prob,
+            label=label,
+        )
         rel = Path(split) / domain_name / f"{i:06d}.png"
         (out / rel.parent).mkdir(parents=True, exist_ok=True)
         Image.fromarray(item.image).save(out / rel)
-        rows.append({"filepath": rel.as_posix(), "caption": item.caption, "label": label,
-                     "classname": classes[label], "domain": domain_name})
+        rows.append(
+            {
+                "filepath": rel.as_posix(),
+                "caption": item.caption,
+                "label": label,
+                "classname": classes[label],
+                "domain": domain_name,
+            }
+        )
     fd, tmp = tempfile.mkstemp(prefix=f".{split}.csv.", dir=out)
     with os.fdopen(fd, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["filepath"])

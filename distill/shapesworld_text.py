@@ -86,14 +86,16 @@ ZERO_SHOT_TEMPLATES: tuple[str, ...] = (
 )
 """Prompt templates for zero-shot classification of ShapesWorld classes."""
 
+
 def _pick(rng, options) -> str:
     # The canonical word (first option) half of the time, so zero-shot prompts that use the
     # class name match the training text, and a synonym otherwise, so text is not a lookup.
     return options[0] if rng.random() < 0.5 else options[int(rng.integers(1, len(options)))]
 
 
-def caption(rng, shape: str, colour: str, size_name: str, position: str, domain_name: str,
-            second: tuple[str, str] | None) -> str:
+def caption(
+    rng, shape: str, colour: str, size_name: str, position: str, domain_name: str, second: tuple[str, str] | None
+) -> str:
     """A random caption of one item, drawn with ``rng`` (a numpy Generator)."""
     words = [_pick(rng, SHAPE_SYNONYMS[shape])]
     # Attributes are dropped at random: the shape is the one word every caption has.

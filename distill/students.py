@@ -50,9 +50,15 @@ class TimmStudent(nn.Module):
         drop_rate: dropout before the projection.
     """
 
-    def __init__(self, embed_dim: int, model_name: str = "mobilenetv3_small_050", pretrained: str | None = None,
-                 image_size: int | None = None, projection: Literal["linear", "mlp"] = "linear",
-                 drop_rate: float = 0.0) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        model_name: str = "mobilenetv3_small_050",
+        pretrained: str | None = None,
+        image_size: int | None = None,
+        projection: Literal["linear", "mlp"] = "linear",
+        drop_rate: float = 0.0,
+    ) -> None:
         super().__init__()
         check_timm_name(model_name)
         if pretrained is not None and not os.path.isfile(pretrained):

@@ -31,9 +31,11 @@ def _read_training_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, tor
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     if OPEN_CLIP_CKPT_KEY not in ckpt:
-        raise ValueError(f"{path} holds no open_clip model config ('{OPEN_CLIP_CKPT_KEY}' key); it was not "
-                         "written by distill's ContrastiveModule: pass model_name or model_config with it")
-    state = {k[len(MODEL_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(MODEL_PREFIX)}
+        raise ValueError(
+            f"{path} holds no open_clip model config ('{OPEN_CLIP_CKPT_KEY}' key); it was not "
+            "written by distill's ContrastiveModule: pass model_name or model_config with it"
+        )
+    state = {k[len(MODEL_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(MODEL_PREFIX)}
     return ckpt[OPEN_CLIP_CKPT_KEY], state
 
 
@@ -126,8 +128,11 @@ class Teacher(nn.Module):
             templates: prompt templates with one ``{}``.
             descriptors: optional per-class descriptors (see ``distill.zeroshot``).
         """
-        key = (tuple(classnames), tuple(templates),
-               None if descriptors is None else tuple((k, tuple(v)) for k, v in sorted(descriptors.items())))
+        key = (
+            tuple(classnames),
+            tuple(templates),
+            None if descriptors is None else tuple((k, tuple(v)) for k, v in sorted(descriptors.items())),
+        )
         device = self.model.logit_scale.device
         if key not in self._bank_cache:
             self._bank_cache[key] = build_class_bank(self, self.tokenize, classnames, templates, descriptors, device)
@@ -150,10 +155,11 @@ def _load(model_name, pretrained, checkpoint, model_config, cache_dir) -> ClipBu
         bundle = build_clip(model_name=model_name, model_config=None if model_name else cfg, cache_dir=cache_dir)
         missing, unexpected = bundle.model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{path}: weights do not fit the teacher architecture "
-                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise ValueError(
+                f"{path}: weights do not fit the teacher architecture "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         return bundle
     if model_name is None and model_config is None:
         raise ValueError(f"{path} is a bare state dict: also give model_name or model_config for its architecture")
     return build_clip(model_name=model_name, pretrained=str(path), model_config=model_config, cache_dir=cache_dir)
-

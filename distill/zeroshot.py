@@ -70,7 +70,8 @@ def build_class_bank(
         raise ValueError("every zero-shot template needs one '{}' placeholder for the class name")
     if descriptors is None:
         bank = open_clip.build_zero_shot_classifier(
-            model, tokenizer, list(classnames), list(templates), num_classes_per_batch=32, device=device)
+            model, tokenizer, list(classnames), list(templates), num_classes_per_batch=32, device=device
+        )
         return bank.T.contiguous()
     rows = []
     for name in classnames:
@@ -79,8 +80,11 @@ def build_class_bank(
             raise KeyError(f"no descriptors for class {name!r}")
         # Per-class prompt lists go through the same builder, one class at a time.
         prompts = list(templates) + [lambda c, d=d: f"{templates[0].format(c).rstrip('.')}, which {d}." for d in extra]
-        rows.append(open_clip.build_zero_shot_classifier(
-            model, tokenizer, [name], _as_callables(prompts), num_classes_per_batch=None, device=device).T)
+        rows.append(
+            open_clip.build_zero_shot_classifier(
+                model, tokenizer, [name], _as_callables(prompts), num_classes_per_batch=None, device=device
+            ).T
+        )
     return torch.cat(rows).contiguous()
 
 
@@ -105,8 +109,13 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] =
     return {k: hits[:, : min(k, k_max)].any(dim=1) for k in ks}
 
 
-def topk_correct_embeds(image_embeds: torch.Tensor, class_bank: torch.Tensor, labels: torch.Tensor,
-                        ks: Sequence[int] = (1, 5), backend: str = "auto") -> dict[int, torch.Tensor]:
+def topk_correct_embeds(
+    image_embeds: torch.Tensor,
+    class_bank: torch.Tensor,
+    labels: torch.Tensor,
+    ks: Sequence[int] = (1, 5),
+    backend: str = "auto",
+) -> dict[int, torch.Tensor]:
     """``topk_correct`` of ``image_embeds @ class_bank.T`` without building the (N, C) logits.
 
     Uses the similarity engine's fused top-k (``distill.cuda_ext.similarity_topk``); a logit
@@ -128,8 +137,13 @@ def topk_correct_embeds(image_embeds: torch.Tensor, class_bank: torch.Tensor, la
     return {k: hits[:, : min(k, k_max)].any(dim=1) for k in ks}
 
 
-def zero_shot_hits(image_embeds: torch.Tensor, class_bank: torch.Tensor, labels: torch.Tensor,
-                   eval_classes: Sequence[int] | None = None, ks: Sequence[int] = (1, 5)) -> dict[int, torch.Tensor]:
+def zero_shot_hits(
+    image_embeds: torch.Tensor,
+    class_bank: torch.Tensor,
+    labels: torch.Tensor,
+    eval_classes: Sequence[int] | None = None,
+    ks: Sequence[int] = (1, 5),
+) -> dict[int, torch.Tensor]:
     """Top-k hits of zero-shot classification among the evaluated classes only.
 
     Args:
@@ -149,8 +163,13 @@ def zero_shot_hits(image_embeds: torch.Tensor, class_bank: torch.Tensor, labels:
     return topk_correct_embeds(image_embeds.float(), class_bank.float()[eval_classes], position[labels], ks)
 
 
-def domain_accuracies(hits: Mapping[int, torch.Tensor], domains: torch.Tensor, domain_names: Sequence[str],
-                      id_domains: Sequence[str], ood_domains: Sequence[str]) -> dict[str, float]:
+def domain_accuracies(
+    hits: Mapping[int, torch.Tensor],
+    domains: torch.Tensor,
+    domain_names: Sequence[str],
+    id_domains: Sequence[str],
+    ood_domains: Sequence[str],
+) -> dict[str, float]:
     """``top{k}_<domain>`` accuracy per domain present, and ``id_top{k}`` / ``ood_top{k}``: the
     mean over the ID and the OOD domains (each domain weighs the same)."""
     results: dict[str, float] = {}

@@ -28,12 +28,18 @@ def _quantised_linear(linear: nn.Linear, bits: Literal[8, 4]) -> nn.Module:
     bnb = _bnb()
     weight = linear.weight.detach().float().clone()
     if bits == 8:
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                    has_fp16_weights=False, threshold=0.0)
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False, threshold=0.0
+        )
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=torch.float32, quant_type="nf4")
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=torch.float32,
+            quant_type="nf4",
+        )
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().float().clone(), requires_grad=False)

@@ -75,8 +75,9 @@ def strip_debug_info(path: str | Path) -> None:
     onnx.save(model, str(path))
 
 
-def export_onnx(encoder: nn.Module, example: torch.Tensor, path: str | Path, opset: int = 20,
-                input_name: str = "images") -> onnx.ModelProto:
+def export_onnx(
+    encoder: nn.Module, example: torch.Tensor, path: str | Path, opset: int = 20, input_name: str = "images"
+) -> onnx.ModelProto:
     """Export ``encoder`` to ``path`` with a dynamic batch axis, then check the file.
 
     Args:
@@ -100,18 +101,31 @@ def export_onnx(encoder: nn.Module, example: torch.Tensor, path: str | Path, ops
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation/info chatter
         try:
-            torch.onnx.export(encoder, (example,), str(path), dynamo=True, opset_version=opset,
-                              input_names=[input_name], output_names=["embeddings"],
-                              dynamic_shapes=({0: batch},), external_data=False, verbose=False,
-                              optimize=True)
+            torch.onnx.export(
+                encoder,
+                (example,),
+                str(path),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[input_name],
+                output_names=["embeddings"],
+                dynamic_shapes=({0: batch},),
+                external_data=False,
+                verbose=False,
+                optimize=True,
+            )
         except Exception as err:  # the exporter raises many types; name the request
-            raise ValueError(f"the ONNX exporter failed for {type(encoder.model).__name__} at opset {opset}: "
-                             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+            raise ValueError(
+                f"the ONNX exporter failed for {type(encoder.model).__name__} at opset {opset}: "
+                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            ) from err
     model = onnx.load(str(path))
     produced = opset_of(model)
     if produced != opset:
-        raise ValueError(f"asked for ONNX opset {opset} but the exporter produced opset {produced}; "
-                         f"use opset={produced} or a torch/onnxscript that supports {opset}")
+        raise ValueError(
+            f"asked for ONNX opset {opset} but the exporter produced opset {produced}; "
+            f"use opset={produced} or a torch/onnxscript that supports {opset}"
+        )
     onnx.checker.check_model(model, full_check=True)
     strip_debug_info(path)
     return onnx.load(str(path))

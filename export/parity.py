@@ -18,7 +18,6 @@ import onnxruntime as ort
 import torch
 from PIL import Image
 
-from distill.export.runtime import open_session as session
 from distill.export.runtime import preprocess
 from distill.zeroshot import domain_accuracies, zero_shot_hits
 
@@ -56,25 +55,33 @@ class EvalSet:
     def top1(self, embeddings: np.ndarray) -> dict[str, float]:
         """Zero-shot top-1 (in %) per domain and its mean over ID and OOD domains, computed as
         the evaluation callback computes it."""
-        hits = zero_shot_hits(torch.from_numpy(embeddings), torch.from_numpy(self.class_bank),
-                              torch.from_numpy(self.labels), self.eval_classes, ks=(1,))
-        accuracies = domain_accuracies(hits, torch.from_numpy(self.domains), self.domain_names,
-                                       self.id_domains, self.ood_domains)
+        hits = zero_shot_hits(
+            torch.from_numpy(embeddings),
+            torch.from_numpy(self.class_bank),
+            torch.from_numpy(self.labels),
+            self.eval_classes,
+            ks=(1,),
+        )
+        accuracies = domain_accuracies(
+            hits, torch.from_numpy(self.domains), self.domain_names, self.id_domains, self.ood_domains
+        )
         return {key: 100.0 * value for key, value in accuracies.items()}
 
 
 def ort_embeddings(sess: ort.InferenceSession, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """(N, ...) inputs -> (N, D) outputs of a one-input ONNX session, batch by batch."""
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: inputs[i:i + batch_size]})[0]
-                           for i in range(0, len(inputs), batch_size)])
+    return np.concatenate(
+        [sess.run(None, {name: inputs[i : i + batch_size]})[0] for i in range(0, len(inputs), batch_size)]
+    )
 
 
 @torch.no_grad()
-def torch_embeddings(encoder: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
-                     batch_size: int = 64) -> np.ndarray:
+def torch_embeddings(
+    encoder: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, batch_size: int = 64
+) -> np.ndarray:
     """(N, ...) inputs -> (N, D) float32 numpy outputs of a PyTorch encoder."""
-    return torch.cat([encoder(inputs[i:i + batch_size]).float() for i in range(0, len(inputs), batch_size)]).numpy()
+    return torch.cat([encoder(inputs[i : i + batch_size]).float() for i in range(0, len(inputs), batch_size)]).numpy()
 
 
 def runner_inputs(images: Sequence[Image.Image], spec: dict[str, Any]) -> np.ndarray:
@@ -92,8 +99,11 @@ def embedding_parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, 
     ref = reference.astype(np.float64)
     cand = candidate.astype(np.float64)
     cosine = (ref * cand).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1) + 1e-12)
-    return {"max_abs_diff": float(np.abs(ref - cand).max()), "min_cosine": float(cosine.min()),
-            "mean_cosine": float(cosine.mean())}
+    return {
+        "max_abs_diff": float(np.abs(ref - cand).max()),
+        "min_cosine": float(cosine.min()),
+        "mean_cosine": float(cosine.mean()),
+    }
 
 
 def median_latency_ms(run: Callable[[], Any], repeats: int = 20, warmup: int = 3) -> float:

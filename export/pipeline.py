@@ -22,11 +22,20 @@ from torch import nn
 from distill.export import runtime
 from distill.export.bnb import quantise_linears, serialized_bytes
 from distill.export.onnx_export import ImageEncoder, TextEncoder, export_onnx, exported_model
-from distill.export.parity import (EvalSet, ParityError, embedding_parity, median_latency_ms, ort_embeddings,
-                                   runner_inputs, session, torch_embeddings, torch_inputs)
+from distill.export.parity import (
+    EvalSet,
+    ParityError,
+    embedding_parity,
+    median_latency_ms,
+    ort_embeddings,
+    runner_inputs,
+    torch_embeddings,
+    torch_inputs,
+)
 from distill.export.preprocess_spec import preprocess_spec
 from distill.export.quantize import op_report, quantize_int8_dynamic, quantize_int8_static
 from distill.export.report import markdown_report
+from distill.export.runtime import open_session as session
 from distill.files import atomic_write_json
 
 Quantisation = Literal["dynamic", "static"]
@@ -81,13 +90,24 @@ def _mib(path: Path | int) -> float:
 
 def _latencies(run_batch, images: np.ndarray, repeats: int) -> dict[str, float]:
     one, many = images[:1], np.concatenate([images] * (32 // len(images) + 1))[:32]
-    return {"latency_ms_b1": median_latency_ms(lambda: run_batch(one), repeats),
-            "latency_ms_b32": median_latency_ms(lambda: run_batch(many), max(3, repeats // 4))}
+    return {
+        "latency_ms_b1": median_latency_ms(lambda: run_batch(one), repeats),
+        "latency_ms_b32": median_latency_ms(lambda: run_batch(many), max(3, repeats // 4)),
+    }
 
 
-def export_bundle(model: nn.Module, eval_set: EvalSet, calibration: list, output_dir: str | Path,
-                  opset: int = 20, quantize: list[Quantisation] | None = None, bitsandbytes: list[int] | None = None,
-                  gates: Gates | None = None, logit_scale: float = 100.0, latency_repeats: int = 20) -> dict[str, Any]:
+def export_bundle(
+    model: nn.Module,
+    eval_set: EvalSet,
+    calibration: list,
+    output_dir: str | Path,
+    opset: int = 20,
+    quantize: list[Quantisation] | None = None,
+    bitsandbytes: list[int] | None = None,
+    gates: Gates | None = None,
+    logit_scale: float = 100.0,
+    latency_repeats: int = 20,
+) -> dict[str, Any]:
     """Export ``model``'s student, gate every variant on ``eval_set`` and write the bundle.
 
     Args:
@@ -120,25 +140,51 @@ def export_bundle(model: nn.Module, eval_set: EvalSet, calibration: list, output
     torch_in = torch_inputs(eval_set.images, transform)
     runner_in = runner_inputs(eval_set.images, spec)
     reference = torch_embeddings(image_encoder, torch_in)
-    report: dict[str, Any] = {"opset": opset, "num_eval_images": len(eval_set.images), "gates": asdict(gates),
-                              "preprocess": spec, "variants": {}, "failures": []}
+    report: dict[str, Any] = {
+        "opset": opset,
+        "num_eval_images": len(eval_set.images),
+        "gates": asdict(gates),
+        "preprocess": spec,
+        "variants": {},
+        "failures": [],
+    }
     variants = report["variants"]
-    variants["pytorch_fp32"] = {"kind": "pytorch", "size_mib": _mib(serialized_bytes(network)),
-                                **eval_set.top1(reference),
-                                **_latencies(lambda x: image_encoder(torch.from_numpy(x)), runner_in, latency_repeats)}
+    variants["pytorch_fp32"] = {
+        "kind": "pytorch",
+        "size_mib": _mib(serialized_bytes(network)),
+        **eval_set.top1(reference),
+        **_latencies(lambda x: image_encoder(torch.from_numpy(x)), runner_in, latency_repeats),
+    }
     for bits in bitsandbytes:
         quantised, info = quantise_linears(network, bits)
         encoder = ImageEncoder(quantised)
         emb = torch_embeddings(encoder, torch_in)
-        variants[f"pytorch_bnb{bits}"] = {"kind": "pytorch", "size_mib": _mib(serialized_bytes(quantised)), **info,
-                                          **eval_set.top1(emb), **embedding_parity(reference, emb),
-                                          **_latencies(lambda x, e=encoder: e(torch.from_numpy(x)), runner_in,
-                                                       latency_repeats)}
+        variants[f"pytorch_bnb{bits}"] = {
+            "kind": "pytorch",
+            "size_mib": _mib(serialized_bytes(quantised)),
+            **info,
+            **eval_set.top1(emb),
+            **embedding_parity(reference, emb),
+            **_latencies(lambda x, e=encoder: e(torch.from_numpy(x)), runner_in, latency_repeats),
+        }
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        image_models = _export_images(image_encoder, torch_in, tmp, opset, quantize, calibration, spec, eval_set,
-                                      runner_in, reference, gates, report, latency_repeats)
+        image_models = _export_images(
+            image_encoder,
+            torch_in,
+            tmp,
+            opset,
+            quantize,
+            calibration,
+            spec,
+            eval_set,
+            runner_in,
+            reference,
+            gates,
+            report,
+            latency_repeats,
+        )
         text_file = _export_text(network, eval_set, tmp, opset, gates, report)
         if report["failures"]:
             raise ParityError("; ".join(report["failures"]))
@@ -146,11 +192,19 @@ def export_bundle(model: nn.Module, eval_set: EvalSet, calibration: list, output
         report["default_image_model"] = fastest
         np.save(tmp / "class_bank.npy", eval_set.class_bank.astype(np.float32))
         (tmp / "classnames.json").write_text(json.dumps(list(eval_set.classnames)))
-        meta = {"format": "distill-edge-bundle", "version": 1, "default_image_model": fastest,
-                "image_models": {name: {"file": f"image_{name}.onnx"} for name in image_models},
-                "text_model": text_file, "embed_dim": int(reference.shape[1]), "logit_scale": float(logit_scale),
-                "class_bank": "class_bank.npy", "classnames": "classnames.json", "preprocess": spec,
-                "opset": opset}
+        meta = {
+            "format": "distill-edge-bundle",
+            "version": 1,
+            "default_image_model": fastest,
+            "image_models": {name: {"file": f"image_{name}.onnx"} for name in image_models},
+            "text_model": text_file,
+            "embed_dim": int(reference.shape[1]),
+            "logit_scale": float(logit_scale),
+            "class_bank": "class_bank.npy",
+            "classnames": "classnames.json",
+            "preprocess": spec,
+            "opset": opset,
+        }
         (tmp / runtime.BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
         shutil.copyfile(runtime.__file__, tmp / "run.py")
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
@@ -164,8 +218,21 @@ def export_bundle(model: nn.Module, eval_set: EvalSet, calibration: list, output
     return report
 
 
-def _export_images(encoder, torch_in, tmp, opset, quantize, calibration, spec, eval_set, runner_in, reference,
-                   gates: Gates, report, latency_repeats) -> list[str]:
+def _export_images(
+    encoder,
+    torch_in,
+    tmp,
+    opset,
+    quantize,
+    calibration,
+    spec,
+    eval_set,
+    runner_in,
+    reference,
+    gates: Gates,
+    report,
+    latency_repeats,
+) -> list[str]:
     """Export, quantise, gate and time the image tower. Returns the variants that passed."""
     variants = report["variants"]
     fp32_path = tmp / "image_fp32.onnx"
@@ -183,9 +250,14 @@ def _export_images(encoder, torch_in, tmp, opset, quantize, calibration, spec, e
     for name, path in paths.items():
         sess = session(str(path))
         emb = ort_embeddings(sess, runner_in)
-        row = {"kind": "onnxruntime", "file": path.name, "size_mib": _mib(path), **eval_set.top1(emb),
-               **embedding_parity(reference, emb),
-               **_latencies(lambda x, s=sess: s.run(None, {"images": x}), runner_in, latency_repeats)}
+        row = {
+            "kind": "onnxruntime",
+            "file": path.name,
+            "size_mib": _mib(path),
+            **eval_set.top1(emb),
+            **embedding_parity(reference, emb),
+            **_latencies(lambda x, s=sess: s.run(None, {"images": x}), runner_in, latency_repeats),
+        }
         if name != "fp32":
             row["size_ratio_vs_fp32"] = path.stat().st_size / fp32_path.stat().st_size
             row["ops"] = op_report(path)
@@ -205,14 +277,15 @@ def _gate(name: str, row: dict, fp32_row: dict | None, gates: Gates) -> str | No
     """None when ``row`` passes its gate, else why it does not."""
     if name == "fp32":
         if row["max_abs_diff"] > gates.fp32_max_abs_diff:
-            return (f"max abs diff {row['max_abs_diff']:.2e} vs PyTorch exceeds {gates.fp32_max_abs_diff:.0e} "
-                    "(check the bundle's preprocessing and the exported graph)")
+            return (
+                f"max abs diff {row['max_abs_diff']:.2e} vs PyTorch exceeds {gates.fp32_max_abs_diff:.0e} "
+                "(check the bundle's preprocessing and the exported graph)"
+            )
         return None
     drops = {g: fp32_row[f"{g}_top1"] - row[f"{g}_top1"] for g in ("id", "ood") if f"{g}_top1" in row}
     worst = max(drops, key=drops.get)
     if drops[worst] > gates.int8_max_top1_drop:
-        return (f"{worst.upper()} top-1 drops {drops[worst]:.1f} points vs fp32 "
-                f"(limit {gates.int8_max_top1_drop:g})")
+        return f"{worst.upper()} top-1 drops {drops[worst]:.1f} points vs fp32 (limit {gates.int8_max_top1_drop:g})"
     return None
 
 
@@ -228,16 +301,23 @@ def _export_text(network, eval_set: EvalSet, tmp: Path, opset: int, gates: Gates
     export_onnx(encoder, tokens[:2], path, opset=opset, input_name="tokens")
     parity = embedding_parity(torch_embeddings(encoder, tokens), ort_embeddings(session(str(path)), tokens.numpy()))
     ok = parity["max_abs_diff"] <= gates.fp32_max_abs_diff
-    report["variants"]["onnx_text_fp32"] = {"kind": "onnxruntime", "file": path.name, "size_mib": _mib(path),
-                                            **parity, "gate": "passed" if ok else "failed"}
+    report["variants"]["onnx_text_fp32"] = {
+        "kind": "onnxruntime",
+        "file": path.name,
+        "size_mib": _mib(path),
+        **parity,
+        "gate": "passed" if ok else "failed",
+    }
     if not ok:
-        report["failures"].append(f"text fp32: max abs diff {parity['max_abs_diff']:.2e} exceeds "
-                                  f"{gates.fp32_max_abs_diff:.0e}")
+        report["failures"].append(
+            f"text fp32: max abs diff {parity['max_abs_diff']:.2e} exceeds {gates.fp32_max_abs_diff:.0e}"
+        )
     return path.name
 
 
-def eval_set_from_datamodule(datamodule: Any, class_bank: torch.Tensor, split: str = "test",
-                             limit: int | None = None) -> EvalSet:
+def eval_set_from_datamodule(
+    datamodule: Any, class_bank: torch.Tensor, split: str = "test", limit: int | None = None
+) -> EvalSet:
     """Task images of a distill datamodule's split, with its domains and class list.
 
     Args:
@@ -253,11 +333,17 @@ def eval_set_from_datamodule(datamodule: Any, class_bank: torch.Tensor, split: s
     classnames = list(datamodule.classnames)
     if class_bank.shape[0] != len(classnames):
         raise ValueError(f"class bank has {class_bank.shape[0]} rows for {len(classnames)} class names")
-    return EvalSet(images=[s["image"] for s in samples], labels=np.array([s["label"] for s in samples]),
-                   domains=np.array([s["domain"] for s in samples]), domain_names=list(datamodule.domain_names),
-                   id_domains=list(datamodule.id_domains), ood_domains=list(datamodule.ood_domains),
-                   class_bank=class_bank.detach().float().cpu().numpy(), classnames=classnames,
-                   eval_classes=getattr(datamodule, "eval_class_indices", None) or list(range(len(classnames))))
+    return EvalSet(
+        images=[s["image"] for s in samples],
+        labels=np.array([s["label"] for s in samples]),
+        domains=np.array([s["domain"] for s in samples]),
+        domain_names=list(datamodule.domain_names),
+        id_domains=list(datamodule.id_domains),
+        ood_domains=list(datamodule.ood_domains),
+        class_bank=class_bank.detach().float().cpu().numpy(),
+        classnames=classnames,
+        eval_classes=getattr(datamodule, "eval_class_indices", None) or list(range(len(classnames))),
+    )
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:
@@ -275,8 +361,9 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and format errors all mean "not ours"
-        raise ValueError(f"{path} is not a distill checkpoint (unreadable as a weights-only torch file: "
-                         f"{type(err).__name__})") from err
+        raise ValueError(
+            f"{path} is not a distill checkpoint (unreadable as a weights-only torch file: {type(err).__name__})"
+        ) from err
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ValueError(f"{path} is not a distill checkpoint: it has no 'state_dict'")
     written_by = (checkpoint.get("distill") or {}).get("module")

@@ -17,11 +17,25 @@ from typing import Any
 
 from torchvision import transforms as T
 
-_INTERPOLATIONS = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicubic", "lanczos": "lanczos",
-                   "box": "box", "hamming": "hamming"}
+_INTERPOLATIONS = {
+    "nearest": "nearest",
+    "bilinear": "bilinear",
+    "bicubic": "bicubic",
+    "lanczos": "lanczos",
+    "box": "box",
+    "hamming": "hamming",
+}
 # Steps that change nothing the runner does not already do (RGB conversion, to-tensor scaling).
-_PASS_THROUGH = ("ToTensor", "MaybeToTensor", "PILToTensor", "_convert_to_rgb", "convert_to_rgb", "ToImage",
-                 "ToDtype", "ConvertImageDtype")
+_PASS_THROUGH = (
+    "ToTensor",
+    "MaybeToTensor",
+    "PILToTensor",
+    "_convert_to_rgb",
+    "convert_to_rgb",
+    "ToImage",
+    "ToDtype",
+    "ConvertImageDtype",
+)
 
 
 def _steps(transform: Callable) -> list[Callable]:
@@ -52,8 +66,14 @@ def preprocess_spec(transform: Callable) -> dict[str, Any]:
     Raises:
         ValueError: a step the runner cannot replay, or no ``Normalize``.
     """
-    spec: dict[str, Any] = {"resize": None, "resize_mode": "shortest", "interpolation": "bilinear",
-                            "crop": None, "mean": None, "std": None}
+    spec: dict[str, Any] = {
+        "resize": None,
+        "resize_mode": "shortest",
+        "interpolation": "bilinear",
+        "crop": None,
+        "mean": None,
+        "std": None,
+    }
     for step in _steps(transform):
         name = _name(step)
         if isinstance(step, T.Resize):
@@ -63,8 +83,11 @@ def preprocess_spec(transform: Callable) -> dict[str, Any]:
                 raise ValueError(f"resize interpolation {mode!r} is not supported by the edge runner")
             if getattr(step, "max_size", None) is not None:
                 raise ValueError("Resize(max_size=...) is not supported by the edge runner")
-            spec.update(resize=size, resize_mode="shortest" if isinstance(size, int) else "exact",
-                        interpolation=_INTERPOLATIONS[mode])
+            spec.update(
+                resize=size,
+                resize_mode="shortest" if isinstance(size, int) else "exact",
+                interpolation=_INTERPOLATIONS[mode],
+            )
         elif isinstance(step, T.CenterCrop):
             size = _size(step.size)
             spec["crop"] = [size, size] if isinstance(size, int) else size
@@ -73,8 +96,10 @@ def preprocess_spec(transform: Callable) -> dict[str, Any]:
         elif name in _PASS_THROUGH or (name == "MaybeConvertMode" and getattr(step, "mode", "RGB") == "RGB"):
             continue
         else:
-            raise ValueError(f"preprocessing step {name} cannot be replayed by the edge runner "
-                             "(supported: Resize, CenterCrop, ToTensor, Normalize, RGB conversion)")
+            raise ValueError(
+                f"preprocessing step {name} cannot be replayed by the edge runner "
+                "(supported: Resize, CenterCrop, ToTensor, Normalize, RGB conversion)"
+            )
     if spec["mean"] is None:
         raise ValueError("the eval transform has no Normalize step: the bundle needs mean/std")
     return spec

@@ -21,17 +21,37 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                      quantize_dynamic, quantize_static)
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from tqdm.auto import tqdm
 
 from distill.export.onnx_export import strip_debug_info
 
 # Node types that compute in integer arithmetic in onnxruntime's CPU provider.
-INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
-               "DynamicQuantizeMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
-               "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearConcat", "QLinearSoftmax"}
+INTEGER_OPS = {
+    "QLinearConv",
+    "QLinearMatMul",
+    "ConvInteger",
+    "MatMulInteger",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+    "QGemm",
+    "QLinearAdd",
+    "QLinearMul",
+    "QLinearGlobalAveragePool",
+    "QLinearAveragePool",
+    "QLinearSigmoid",
+    "QLinearLeakyRelu",
+    "QLinearConcat",
+    "QLinearSoftmax",
+}
 FLOAT_COMPUTE_OPS = {"Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm", "NhwcFusedConv"}
 CONVERSION_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 
@@ -52,7 +72,7 @@ class ImageCalibrationReader(CalibrationDataReader):
     def _iterate(self) -> Iterator[dict[str, np.ndarray]]:
         starts = range(0, len(self.images), self.batch_size)
         for start in tqdm(starts, desc="calibrating INT8", leave=False):
-            yield {self.input_name: self.images[start:start + self.batch_size]}
+            yield {self.input_name: self.images[start : start + self.batch_size]}
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._batches is None:
@@ -79,15 +99,19 @@ def quantize_int8_dynamic(fp32_path: str | Path, out_path: str | Path, per_chann
     has no fused x86 kernel for that pair; static QDQ fuses to ``QLinearConv`` instead.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        quantize_dynamic(_prepared(fp32_path, tmp), str(out_path), weight_type=QuantType.QInt8,
-                         per_channel=per_channel)
+        quantize_dynamic(_prepared(fp32_path, tmp), str(out_path), weight_type=QuantType.QInt8, per_channel=per_channel)
     strip_debug_info(out_path)
     return Path(out_path)
 
 
-def quantize_int8_static(fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray,
-                         per_channel: bool = True, input_name: str = "images",
-                         method: str = "minmax") -> Path:
+def quantize_int8_static(
+    fp32_path: str | Path,
+    out_path: str | Path,
+    calibration: np.ndarray,
+    per_channel: bool = True,
+    input_name: str = "images",
+    method: str = "minmax",
+) -> Path:
     """Static INT8 in QDQ format, calibrated on task images. Returns ``out_path``.
 
     Args:
@@ -98,18 +122,27 @@ def quantize_int8_static(fp32_path: str | Path, out_path: str | Path, calibratio
         input_name: the graph input's name.
         method: activation range estimator, ``minmax``, ``entropy`` or ``percentile``.
     """
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
     if method not in methods:
         raise ValueError(f"calibration method must be one of {sorted(methods)}, got {method!r}")
     if len(calibration) == 0:
         raise ValueError("static INT8 needs calibration images, got none")
     with tempfile.TemporaryDirectory() as tmp:
-        quantize_static(_prepared(fp32_path, tmp), str(out_path), ImageCalibrationReader(calibration, input_name),
-                        quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=methods[method],
-                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+        quantize_static(
+            _prepared(fp32_path, tmp),
+            str(out_path),
+            ImageCalibrationReader(calibration, input_name),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=methods[method],
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
     strip_debug_info(out_path)
     return Path(out_path)
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-_LABELS = {"pytorch_fp32": "PyTorch fp32", "pytorch_bnb8": "PyTorch bitsandbytes 8-bit (Linear)",
-           "pytorch_bnb4": "PyTorch bitsandbytes 4-bit NF4 (Linear)", "onnx_fp32": "ORT fp32",
-           "onnx_int8_dynamic": "ORT INT8 dynamic", "onnx_int8_static": "ORT INT8 static QDQ (per-channel)",
-           "onnx_text_fp32": "ORT text tower fp32"}
+_LABELS = {
+    "pytorch_fp32": "PyTorch fp32",
+    "pytorch_bnb8": "PyTorch bitsandbytes 8-bit (Linear)",
+    "pytorch_bnb4": "PyTorch bitsandbytes 4-bit NF4 (Linear)",
+    "onnx_fp32": "ORT fp32",
+    "onnx_int8_dynamic": "ORT INT8 dynamic",
+    "onnx_int8_static": "ORT INT8 static QDQ (per-channel)",
+    "onnx_text_fp32": "ORT text tower fp32",
+}
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
@@ -16,26 +21,35 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 def markdown_report(report: dict[str, Any]) -> str:
     """Render :func:`distill.export.pipeline.export_bundle`'s report as markdown."""
-    lines = [f"Export report: opset {report['opset']}, {report['num_eval_images']} task images, "
-             f"latency = median on this CPU; default bundle model: `{report.get('default_image_model', '-')}`.", "",
-             "| variant | size MiB | ms @ b1 | ms @ b32 | ID top-1 | OOD top-1 | max abs diff | min cosine | gate |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"Export report: opset {report['opset']}, {report['num_eval_images']} task images, "
+        f"latency = median on this CPU; default bundle model: `{report.get('default_image_model', '-')}`.",
+        "",
+        "| variant | size MiB | ms @ b1 | ms @ b32 | ID top-1 | OOD top-1 | max abs diff | min cosine | gate |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, row in report["variants"].items():
-        lines.append(f"| {_LABELS.get(name, name)} | {_cell(row, 'size_mib', '.3f')} | "
-                     f"{_cell(row, 'latency_ms_b1', '.3f')} | {_cell(row, 'latency_ms_b32', '.2f')} | "
-                     f"{_cell(row, 'id_top1', '.1f')} | {_cell(row, 'ood_top1', '.1f')} | "
-                     f"{_cell(row, 'max_abs_diff', '.1e')} | {_cell(row, 'min_cosine', '.5f')} | "
-                     f"{row.get('gate', '-')} |")
+        lines.append(
+            f"| {_LABELS.get(name, name)} | {_cell(row, 'size_mib', '.3f')} | "
+            f"{_cell(row, 'latency_ms_b1', '.3f')} | {_cell(row, 'latency_ms_b32', '.2f')} | "
+            f"{_cell(row, 'id_top1', '.1f')} | {_cell(row, 'ood_top1', '.1f')} | "
+            f"{_cell(row, 'max_abs_diff', '.1e')} | {_cell(row, 'min_cosine', '.5f')} | "
+            f"{row.get('gate', '-')} |"
+        )
     notes = []
     for name, row in report["variants"].items():
         if "ops" in row:
             ops = row["ops"]
-            notes.append(f"- {_LABELS.get(name, name)}: {row['size_ratio_vs_fp32']:.0%} of fp32; onnxruntime runs "
-                         f"integer ops {ops['integer_ops'] or 'none'}, float compute ops "
-                         f"{ops['float_compute_ops'] or 'none'}, conversions {ops['conversions'] or 'none'}.")
+            notes.append(
+                f"- {_LABELS.get(name, name)}: {row['size_ratio_vs_fp32']:.0%} of fp32; onnxruntime runs "
+                f"integer ops {ops['integer_ops'] or 'none'}, float compute ops "
+                f"{ops['float_compute_ops'] or 'none'}, conversions {ops['conversions'] or 'none'}."
+            )
         if "linear_param_fraction" in row:
-            notes.append(f"- {_LABELS.get(name, name)}: {row['linear_layers']} Linear layers quantised, "
-                         f"{row['linear_param_fraction']:.0%} of the parameters (convolutions stay fp32).")
+            notes.append(
+                f"- {_LABELS.get(name, name)}: {row['linear_layers']} Linear layers quantised, "
+                f"{row['linear_param_fraction']:.0%} of the parameters (convolutions stay fp32)."
+            )
     if notes:
         lines += ["", "What runs quantised (onnxruntime's optimised graph):", *notes]
     if report.get("failures"):

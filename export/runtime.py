@@ -20,9 +20,14 @@ import onnxruntime as ort
 from PIL import Image
 
 BUNDLE_FILE = "bundle.json"
-_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-             "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
-             "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
 
 
 def preprocess(image: Image.Image, spec: dict) -> np.ndarray:
@@ -50,7 +55,7 @@ def preprocess(image: Image.Image, spec: dict) -> np.ndarray:
         width, height = image.size
         if crop_h > height or crop_w > width:
             raise ValueError(f"image of {width}x{height} is smaller than the crop {crop_w}x{crop_h}")
-        top, left = int(round((height - crop_h) / 2.0)), int(round((width - crop_w) / 2.0))
+        top, left = round((height - crop_h) / 2.0), round((width - crop_w) / 2.0)
         image = image.crop((left, top, left + crop_w, top + crop_h))
     array = np.asarray(image, dtype=np.float32) / 255.0
     array = (array - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{flag} needs a value\n{_USAGE}", file=sys.stderr)
                 return 2
             options[flag] = args[at + 1]
-            del args[at:at + 2]
+            del args[at : at + 2]
     if len(args) < 2 or any(a.startswith("-") for a in args):
         print(_USAGE, file=sys.stderr)
         return 2

@@ -12,7 +12,6 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 import distill
-
 from distill.clip_models import build_clip, save_local_dir
 from distill.modules._optim import configure_optimizers
 from distill.objectives import InfoNCE, SigLIP, SoftTargetContrastive, weighted_sum
@@ -63,16 +62,19 @@ class ContrastiveModule(pl.LightningModule):
         if not len(self.objectives):
             raise ValueError("objectives is empty: give at least one loss term")
         if any(isinstance(o, SigLIP) for o in self.objectives) and init_logit_bias is None:
-            raise ValueError("the SigLIP objective needs a logit bias: set init_logit_bias (e.g. -10.0) "
-                             "and init_logit_scale (e.g. 2.3026 = log 10)")
+            raise ValueError(
+                "the SigLIP objective needs a logit bias: set init_logit_bias (e.g. -10.0) "
+                "and init_logit_scale (e.g. 2.3026 = log 10)"
+            )
         self._needs_target_similarity = any(isinstance(o, SoftTargetContrastive) for o in self.objectives)
         extra: dict[str, Any] = {}
         if init_logit_scale is not None:
             extra["init_logit_scale"] = init_logit_scale
         if init_logit_bias is not None:
             extra["init_logit_bias"] = init_logit_bias
-        bundle = build_clip(model_name=model_name, pretrained=pretrained, model_config=model_config,
-                            aug_cfg=aug_cfg, **extra)
+        bundle = build_clip(
+            model_name=model_name, pretrained=pretrained, model_config=model_config, aug_cfg=aug_cfg, **extra
+        )
         self.model = bundle.model
         self.tokenizer = bundle.tokenizer
         self.preprocess_train = bundle.preprocess_train
@@ -124,8 +126,11 @@ class ContrastiveModule(pl.LightningModule):
             self.model.logit_scale.clamp_(0, self.max_log_scale)
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
-        outputs = self(batch["image"], batch["text"]) if "text" in batch else {
-            "image_embeds": self.encode_image(batch["image"])}
+        outputs = (
+            self(batch["image"], batch["text"])
+            if "text" in batch
+            else {"image_embeds": self.encode_image(batch["image"])}
+        )
         if "text" in batch:
             loss, _ = weighted_sum(self.objectives, outputs)
             self.log(f"{stage}/loss", loss, batch_size=batch["image"].shape[0])
@@ -159,6 +164,6 @@ class ContrastiveModule(pl.LightningModule):
 
     def export_open_clip(self, folder: str | Path) -> Path:
         """Write the model as an open_clip ``local-dir`` folder (config + safetensors)."""
-        return save_local_dir(self.model, self.open_clip_config["model_cfg"],
-                              self.open_clip_config["preprocess_cfg"], folder)
-
+        return save_local_dir(
+            self.model, self.open_clip_config["model_cfg"], self.open_clip_config["preprocess_cfg"], folder
+        )

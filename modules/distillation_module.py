@@ -11,7 +11,6 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 import distill
-
 from distill.kd_objectives import LabelCrossEntropy
 from distill.modules._optim import configure_optimizers
 from distill.objectives import weighted_sum
@@ -57,14 +56,17 @@ class DistillationModule(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["teacher", "student", "objectives", "align_objectives",
-                                          "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(
+            ignore=["teacher", "student", "objectives", "align_objectives", "optimizer", "lr_scheduler"]
+        )
         self.teacher = teacher
         self.student = student(teacher.embed_dim)
         width = getattr(self.student, "embed_dim", None)
         if width != teacher.embed_dim:
-            raise ValueError(f"student embeds into {width} dimensions but the teacher into {teacher.embed_dim}: "
-                             "the student needs a projection to the teacher's width")
+            raise ValueError(
+                f"student embeds into {width} dimensions but the teacher into {teacher.embed_dim}: "
+                "the student needs a projection to the teacher's width"
+            )
         self.objectives = nn.ModuleList(objectives if objectives is not None else [LabelCrossEntropy()])
         self.align_objectives = nn.ModuleList(align_objectives or [])
         if align_steps > 0 and not len(self.align_objectives):
@@ -89,8 +91,12 @@ class DistillationModule(pl.LightningModule):
         """Student image embeddings (N, D)."""
         return self.student.encode_image(images, normalize=normalize)
 
-    def class_bank(self, classnames: Sequence[str], templates: Sequence[str],
-                   descriptors: Mapping[str, Sequence[str]] | None = None) -> torch.Tensor:
+    def class_bank(
+        self,
+        classnames: Sequence[str],
+        templates: Sequence[str],
+        descriptors: Mapping[str, Sequence[str]] | None = None,
+    ) -> torch.Tensor:
         """The classifier: the teacher's (C, D) text class bank (cached per class list)."""
         return self.teacher.class_bank(classnames, templates, descriptors)
 

@@ -25,12 +25,18 @@ class ZeroShotModule(pl.LightningModule):
         model_config: open_clip model config (dict or JSON path).
     """
 
-    def __init__(self, model_name: str | None = None, pretrained: str | None = None,
-                 checkpoint: str | None = None, model_config: dict | str | None = None) -> None:
+    def __init__(
+        self,
+        model_name: str | None = None,
+        pretrained: str | None = None,
+        checkpoint: str | None = None,
+        model_config: dict | str | None = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.teacher = Teacher(model_name=model_name, pretrained=pretrained, checkpoint=checkpoint,
-                               model_config=model_config)
+        self.teacher = Teacher(
+            model_name=model_name, pretrained=pretrained, checkpoint=checkpoint, model_config=model_config
+        )
         self.tokenizer = self.teacher.tokenizer
         self.preprocess_train = self.teacher.preprocess
         self.preprocess_val = self.teacher.preprocess
@@ -43,8 +49,12 @@ class ZeroShotModule(pl.LightningModule):
         """(M, L) token ids -> (M, D) embeddings."""
         return self.teacher.encode_text(tokens, normalize=normalize)
 
-    def class_bank(self, classnames: Sequence[str], templates: Sequence[str],
-                   descriptors: Mapping[str, Sequence[str]] | None = None) -> torch.Tensor:
+    def class_bank(
+        self,
+        classnames: Sequence[str],
+        templates: Sequence[str],
+        descriptors: Mapping[str, Sequence[str]] | None = None,
+    ) -> torch.Tensor:
         """(C, D) zero-shot classifier, cached per class list (the teacher is frozen)."""
         return self.teacher.class_bank(classnames, templates, descriptors)
 

@@ -9,8 +9,12 @@ import torch
 from distill.cli import main
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
-SMALL_DATA = ["--data.init_args.num_train=16", "--data.init_args.num_val=14", "--data.init_args.num_test=14",
-              "--data.init_args.batch_size=7"]
+SMALL_DATA = [
+    "--data.init_args.num_train=16",
+    "--data.init_args.num_val=14",
+    "--data.init_args.num_test=14",
+    "--data.init_args.batch_size=7",
+]
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,10 +54,18 @@ def test_fit_then_test_then_teacher_from_checkpoint(tmp_path, monkeypatch, tiny_
     from distill.teachers import Teacher
 
     monkeypatch.chdir(tmp_path)
-    args = ["--model=ContrastiveModule", "--model.init_args.model_config", yaml.safe_dump(tiny_config),
-            "--model.init_args.export_dir=exported", "--data=ShapesWorldDataModule", *SMALL_DATA,
-            "--trainer.max_steps=2", "--trainer.accelerator=cpu", "--trainer.default_root_dir=run",
-            "--trainer.enable_progress_bar=false"]
+    args = [
+        "--model=ContrastiveModule",
+        "--model.init_args.model_config",
+        yaml.safe_dump(tiny_config),
+        "--model.init_args.export_dir=exported",
+        "--data=ShapesWorldDataModule",
+        *SMALL_DATA,
+        "--trainer.max_steps=2",
+        "--trainer.accelerator=cpu",
+        "--trainer.default_root_dir=run",
+        "--trainer.enable_progress_bar=false",
+    ]
     cli = main(["fit", *args])
     ckpt = next(Path("run").rglob("*.ckpt"))
     trained = cli.model.model.eval()
@@ -66,14 +78,24 @@ def test_fit_then_test_then_teacher_from_checkpoint(tmp_path, monkeypatch, tiny_
     assert (Path("run") / "lightning_logs").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model.init_args.model_name=ViT-B-33"], "unknown open_clip model name 'ViT-B-33'; did you mean"),
-    (["--data.init_args.train_domains=[flat,cartoon]"], "unknown ShapesWorld domain(s) ['cartoon']"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model.init_args.model_name=ViT-B-33"], "unknown open_clip model name 'ViT-B-33'; did you mean"),
+        (["--data.init_args.train_domains=[flat,cartoon]"], "unknown ShapesWorld domain(s) ['cartoon']"),
+    ],
+)
 def test_bad_input_is_one_clear_line(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--model=ContrastiveModule", "--model.init_args.model_name=RN50",
-              "--data=ShapesWorldDataModule", *args])
+        main(
+            [
+                "fit",
+                "--model=ContrastiveModule",
+                "--model.init_args.model_name=RN50",
+                "--data=ShapesWorldDataModule",
+                *args,
+            ]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("distill: error:") and message in err and "Traceback" not in err
@@ -81,8 +103,14 @@ def test_bad_input_is_one_clear_line(args, message, capsys):
 
 def test_missing_checkpoint_file(capsys):
     with pytest.raises(SystemExit):
-        main(["test", "--model=ZeroShotModule", "--model.init_args.checkpoint=missing/teacher.ckpt",
-              "--data=ShapesWorldDataModule"])
+        main(
+            [
+                "test",
+                "--model=ZeroShotModule",
+                "--model.init_args.checkpoint=missing/teacher.ckpt",
+                "--data=ShapesWorldDataModule",
+            ]
+        )
     assert "teacher checkpoint not found: missing/teacher.ckpt" in capsys.readouterr().err
 
 
@@ -91,8 +119,14 @@ def test_unknown_config_key_and_class_split(capsys):
         main(["fit", "--model=ContrastiveModule", "--model.init_args.learning_rat=0.1"])
     assert "learning_rat" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["fit", "--model=ContrastiveModule", "--data=ShapesWorldDataModule",
-              "--data.init_args.train_classes=unseen"])
+        main(
+            [
+                "fit",
+                "--model=ContrastiveModule",
+                "--data=ShapesWorldDataModule",
+                "--data.init_args.train_classes=unseen",
+            ]
+        )
     assert "unseen" in capsys.readouterr().err
 
 
@@ -105,10 +139,17 @@ def test_help_comes_from_docstrings(capsys):
 
 def test_validate_and_predict_with_a_frozen_teacher(tmp_path, monkeypatch, tiny_local_dir):
     monkeypatch.chdir(tmp_path)
-    args = ["--model=ZeroShotModule", f"--model.init_args.model_name=local-dir:{tiny_local_dir}",
-            "--data=ShapesWorldDataModule", *SMALL_DATA, "--data.init_args.train_domains=[flat,outline]",
-            "--trainer.accelerator=cpu", "--trainer.default_root_dir=run", "--trainer.callbacks+=ZeroShotEvaluation",
-            "--trainer.enable_progress_bar=false"]
+    args = [
+        "--model=ZeroShotModule",
+        f"--model.init_args.model_name=local-dir:{tiny_local_dir}",
+        "--data=ShapesWorldDataModule",
+        *SMALL_DATA,
+        "--data.init_args.train_domains=[flat,outline]",
+        "--trainer.accelerator=cpu",
+        "--trainer.default_root_dir=run",
+        "--trainer.callbacks+=ZeroShotEvaluation",
+        "--trainer.enable_progress_bar=false",
+    ]
     cli = main(["validate", *args])
     metrics = cli.trainer.callback_metrics
     assert {"val/id_top1", "val/ood_top1", "val/i2t_r1", "val/top5_night"} <= set(metrics)
@@ -122,7 +163,14 @@ def test_unknown_timm_student_is_one_clear_line(tmp_path, monkeypatch, capsys, t
     monkeypatch.chdir(tmp_path)
     config = ROOT / "configs" / "distill" / "labels_only.yaml"
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(config), f"--model.init_args.teacher.model_name=local-dir:{tiny_local_dir}",
-              "--model.init_args.student.init_args.model_name=mobilenetv9_tiny"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(config),
+                f"--model.init_args.teacher.model_name=local-dir:{tiny_local_dir}",
+                "--model.init_args.student.init_args.model_name=mobilenetv9_tiny",
+            ]
+        )
     err = capsys.readouterr().err
     assert "distill: error: unknown timm model name 'mobilenetv9_tiny'" in err

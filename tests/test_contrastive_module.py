@@ -17,12 +17,15 @@ def _batch(module, n=16):
     return next(iter(dm.train_dataloader()))
 
 
-@pytest.mark.parametrize("objectives, extra", [
-    ([InfoNCE()], {}),
-    ([SigLIP()], {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}),
-    ([InfoNCE(weight=0.5), DCL(weight=0.5)], {}),
-    ([SoftTargetContrastive(target_temperature=0.02)], {}),
-])
+@pytest.mark.parametrize(
+    "objectives, extra",
+    [
+        ([InfoNCE()], {}),
+        ([SigLIP()], {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}),
+        ([InfoNCE(weight=0.5), DCL(weight=0.5)], {}),
+        ([SoftTargetContrastive(target_temperature=0.02)], {}),
+    ],
+)
 def test_overfits_a_fixed_batch(tiny_config, objectives, extra):
     torch.manual_seed(0)
     module = ContrastiveModule(model_config=tiny_config, objectives=objectives, **extra)
@@ -31,7 +34,8 @@ def test_overfits_a_fixed_batch(tiny_config, objectives, extra):
     losses = []
     for _ in range(30):
         loss, _ = __import__("distill.objectives", fromlist=["weighted_sum"]).weighted_sum(
-            module.objectives, module(batch["image"], batch["text"]))
+            module.objectives, module(batch["image"], batch["text"])
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -53,8 +57,9 @@ def test_logit_scale_is_clamped_after_each_step(tiny_config):
 
 
 def test_no_weight_decay_on_gains_biases_and_temperature(tiny_config):
-    module = ContrastiveModule(model_config=tiny_config,
-                               optimizer=lambda groups: torch.optim.AdamW(groups, weight_decay=0.2))
+    module = ContrastiveModule(
+        model_config=tiny_config, optimizer=lambda groups: torch.optim.AdamW(groups, weight_decay=0.2)
+    )
     optimizer = module.configure_optimizers()
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss, DistillClipLoss, SigLipLoss
 
 from distill import cuda_ext
-from distill.cuda_ext import infonce_loss, kd_loss, siglip_loss, similarity_topk
-from distill.cuda_ext import _build
+from distill.cuda_ext import _build, infonce_loss, kd_loss, siglip_loss, similarity_topk
 
 CPU_BACKENDS = ["reference", "tiled"]
 HAS_CUDA = torch.cuda.is_available()
@@ -28,8 +27,14 @@ def _scalar(v: float, dtype=torch.float64, device="cpu") -> torch.Tensor:
 
 
 def _batch(n=12, m=12, d=8, dt=5, dtype=torch.float64, device="cpu"):
-    return (_unit(n, d, 0, dtype, device), _unit(m, d, 1, dtype, device), _unit(n, dt, 2, dtype, device, False),
-            _unit(m, dt, 3, dtype, device, False), _scalar(7.0, dtype, device), _scalar(-2.0, dtype, device))
+    return (
+        _unit(n, d, 0, dtype, device),
+        _unit(m, d, 1, dtype, device),
+        _unit(n, dt, 2, dtype, device, False),
+        _unit(m, dt, 3, dtype, device, False),
+        _scalar(7.0, dtype, device),
+        _scalar(-2.0, dtype, device),
+    )
 
 
 def _close(x, y, rtol=1e-9, atol=1e-11):
@@ -44,8 +49,10 @@ def test_values_match_open_clip(backend):
     t_scale = torch.tensor(20.0, dtype=torch.float64)
     ours = kd_loss(a, b, ta, tb, s, t_scale, kind="ce", contrastive_weight=1.0, backend=backend, block_rows=5)
     _close(ours, sum(DistillClipLoss()(a, b, s, ta, tb, t_scale)))
-    for x, y in zip(torch.autograd.grad(ours, (a, b, s)),
-                    torch.autograd.grad(sum(DistillClipLoss()(a, b, s, ta, tb, t_scale)), (a, b, s))):
+    for x, y in zip(
+        torch.autograd.grad(ours, (a, b, s)),
+        torch.autograd.grad(sum(DistillClipLoss()(a, b, s, ta, tb, t_scale)), (a, b, s)),
+    ):
         _close(x, y)
 
 
@@ -74,7 +81,8 @@ def test_gradcheck_fp64(backend):
     assert torch.autograd.gradcheck(lambda a, b, s: kd_loss(a, b, ta, tb, s, 5.0, **kw), (a, b, s))
     a2, b2 = a[:6].detach().clone().requires_grad_(), b[:6].detach().clone().requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda a, b, s: kd_loss(a, b, ta, tb[:6], s, 5.0, kind="ce", contrastive_weight=0.5, **kw), (a2, b2, s))
+        lambda a, b, s: kd_loss(a, b, ta, tb[:6], s, 5.0, kind="ce", contrastive_weight=0.5, **kw), (a2, b2, s)
+    )
 
 
 def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -110,8 +118,10 @@ def test_underflowing_columns_are_recomputed_exactly():
     a, b = _unit(n, d, 0, grad=False), _unit(n, d, 1, grad=False)
     b[5] = -F.normalize(a.mean(0), dim=0)
     a[0] = b[0]
-    for fn in (lambda x, y, be: infonce_loss(x, y, 100.0, backend=be, block_rows=16),
-               lambda x, y, be: kd_loss(x, y, y.flip(0), x.flip(0), 100.0, 80.0, backend=be, block_rows=16)):
+    for fn in (
+        lambda x, y, be: infonce_loss(x, y, 100.0, backend=be, block_rows=16),
+        lambda x, y, be: kd_loss(x, y, y.flip(0), x.flip(0), 100.0, 80.0, backend=be, block_rows=16),
+    ):
         ref = fn(a, b, "reference")
         got = fn(a.float(), b.float(), "tiled")
         assert abs(got.item() - ref.item()) <= 1e-5 * abs(ref.item())
@@ -174,9 +184,16 @@ def test_objectives_backend_arg_changes_nothing():
     from distill.objectives import InfoNCE, SigLIP
 
     a, b, ta, tb, s, c = _batch(20, 20, d=8, dt=8)
-    out = {"image_embeds": a, "text_embeds": b, "logit_scale": s, "logit_bias": c, "teacher_image_embeds": ta,
-           "teacher_text_embeds": tb, "teacher_logit_scale": torch.tensor(9.0, dtype=torch.float64),
-           "class_bank": _unit(5, 8, 9, grad=False)}
+    out = {
+        "image_embeds": a,
+        "text_embeds": b,
+        "logit_scale": s,
+        "logit_bias": c,
+        "teacher_image_embeds": ta,
+        "teacher_text_embeds": tb,
+        "teacher_logit_scale": torch.tensor(9.0, dtype=torch.float64),
+        "class_bank": _unit(5, 8, 9, grad=False),
+    }
     for cls in (InfoNCE, SigLIP, AffinityDistillation, InteractiveContrastive, LogitDistillation):
         _close(cls(backend="tiled")(out), cls(backend="reference")(out))
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -230,6 +247,7 @@ def test_cuda_sources_compile(tmp_path, monkeypatch):
 
 # ---- GPU: run with `pytest -m gpu tests/test_cuda_ext.py` on a machine with CUDA ----
 
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -244,8 +262,12 @@ def test_cuda_matches_fp64_reference_at_2048(dtype, tol):
     ops = [
         (lambda a, b, s, c, be: infonce_loss(a, b, s, backend=be), 3),
         (lambda a, b, s, c, be: siglip_loss(a, b, s, c, backend=be), 4),
-        (lambda a, b, s, c, be: kd_loss(a, b, *((ta, tb) if be == "reference" else (tad, tbd)), s, 50.0,
-                                        contrastive_weight=1.0, backend=be), 3),
+        (
+            lambda a, b, s, c, be: kd_loss(
+                a, b, *((ta, tb) if be == "reference" else (tad, tbd)), s, 50.0, contrastive_weight=1.0, backend=be
+            ),
+            3,
+        ),
     ]
     for fn, k in ops:
         ref = fn(a64, b64, s64, c64, "reference")
@@ -268,8 +290,9 @@ def test_cuda_gradcheck_opcheck_and_topk():
     ops = torch.ops.distill_cuda
     torch.library.opcheck(ops.infonce_fwd, (a, b, s, 2, 0.5, 0.5, 4))
     torch.library.opcheck(ops.siglip, (a, b, s, c, 1, 4, True))
-    torch.library.opcheck(ops.kd_fwd, (a, b, ta, tb, s, torch.tensor(5.0, device="cuda", dtype=torch.float64),
-                                       0.5, 0.5, 0.0, "kl", 4))
+    torch.library.opcheck(
+        ops.kd_fwd, (a, b, ta, tb, s, torch.tensor(5.0, device="cuda", dtype=torch.float64), 0.5, 0.5, 0.0, "kl", 4)
+    )
     q, k = a.detach(), b.detach()
     scores, idx = similarity_topk(q, k, 3, backend="cuda")
     ref = (q @ k.T).topk(3, dim=1)

@@ -11,8 +11,10 @@ from distill.modules import DistillationModule
 from distill.students import OpenClipStudent, TimmStudent, check_timm_name
 from distill.teachers import Teacher
 
-STUDENT_TEXT = {"vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
-                "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+STUDENT_TEXT = {
+    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 def test_unknown_timm_name_suggests():
@@ -68,12 +70,24 @@ def test_teacher_and_student_get_their_own_views(tiny_local_dir):
 def test_training_logs_every_term_of_both_stages_and_caches_the_teacher(tiny_local_dir):
     import lightning.pytorch as pl
 
-    module = _module(tiny_local_dir, objectives=[LabelCrossEntropy(), AffinityDistillation()],
-                     align_objectives=[FeatureDistillation(loss="cosine"), ClassTextAlignment()], align_steps=2)
+    module = _module(
+        tiny_local_dir,
+        objectives=[LabelCrossEntropy(), AffinityDistillation()],
+        align_objectives=[FeatureDistillation(loss="cosine"), ClassTextAlignment()],
+        align_steps=2,
+    )
     dm = ShapesWorldDataModule(num_train=16, num_val=7, num_test=7, batch_size=8)
-    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         log_every_n_steps=1, callbacks=[TeacherFrozenCheck(every_n_steps=1)])
+    trainer = pl.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+        callbacks=[TeacherFrozenCheck(every_n_steps=1)],
+    )
     calls = []
     encode = module.teacher.encode_image
     module.teacher.encode_image = lambda images: calls.append(len(images)) or encode(images)
@@ -88,8 +102,15 @@ def test_training_logs_every_term_of_both_stages_and_caches_the_teacher(tiny_loc
 def _teacher_calls(module, dm, steps=4):
     import lightning.pytorch as pl
 
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     calls = []
     encode = module.teacher.encode_image
     module.teacher.encode_image = lambda images: calls.append(len(images)) or encode(images)

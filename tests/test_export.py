@@ -21,20 +21,32 @@ from distill.modules import DistillationModule
 from distill.students import OpenClipStudent, TimmStudent
 from distill.teachers import Teacher
 
-STUDENT_TEXT = {"vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
-                "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+STUDENT_TEXT = {
+    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 def _module(teacher_dir, dual_tower=False):
     torch.manual_seed(0)
-    student = ((lambda d: OpenClipStudent(d, STUDENT_TEXT)) if dual_tower
-               else (lambda d: TimmStudent(d, "test_resnet", image_size=32)))
+    student = (
+        (lambda d: OpenClipStudent(d, STUDENT_TEXT))
+        if dual_tower
+        else (lambda d: TimmStudent(d, "test_resnet", image_size=32))
+    )
     return DistillationModule(teacher=Teacher(model_name=f"local-dir:{teacher_dir}"), student=student).eval()
 
 
 def _data():
-    return ShapesWorldDataModule(image_size=32, num_train=48, num_val=8, num_test=42, batch_size=16,
-                                 train_domains=["flat", "outline"], ood_domains=["night"])
+    return ShapesWorldDataModule(
+        image_size=32,
+        num_train=48,
+        num_val=8,
+        num_test=42,
+        batch_size=16,
+        train_domains=["flat", "outline"],
+        ood_domains=["night"],
+    )
 
 
 def _eval_set(module, data):
@@ -107,8 +119,9 @@ def test_a_failing_int8_gate_is_loud_or_dropped(tiny_local_dir, tmp_path):
     module = _module(tiny_local_dir)
     with pytest.raises(ParityError, match="int8_dynamic"):
         _export(module, tmp_path, quantize=["dynamic"], gates=Gates(int8_max_top1_drop=-1.0))
-    report = _export(module, tmp_path, quantize=["dynamic"], gates=Gates(int8_max_top1_drop=-1.0,
-                                                                            allow_failed_int8=True))
+    report = _export(
+        module, tmp_path, quantize=["dynamic"], gates=Gates(int8_max_top1_drop=-1.0, allow_failed_int8=True)
+    )
     assert report["variants"]["onnx_int8_dynamic"]["gate"].startswith("failed: ID top-1 drops")
     assert not (tmp_path / "bundle" / "image_int8_dynamic.onnx").exists()
     assert report["default_image_model"] == "fp32"
@@ -124,10 +137,16 @@ def test_runner_matches_torchvision_and_imports_no_torch(tiny_local_dir, tmp_pat
     image.save(image_path)
     bundle = tmp_path / "bundle"
     # The bundle's own run.py in a fresh interpreter where any torch import fails.
-    code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
-            "runpy.run_path(sys.argv[0], run_name='__main__')")
-    out = subprocess.run([sys.executable, "-c", code, str(bundle / "run.py"), str(bundle), str(image_path),
-                          "--top", "3"], capture_output=True, text=True, check=True)
+    code = (
+        "import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(bundle / "run.py"), str(bundle), str(image_path), "--top", "3"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     lines = out.stdout.strip().splitlines()
     assert lines[0] == str(image_path) and len(lines) == 4 and lines[1].strip().endswith(tuple(_data().classnames))
     top = EdgeClassifier(bundle).classify([image], top=1)[0][0]
@@ -143,8 +162,10 @@ def test_bad_checkpoint_output_folder_and_opset(tiny_local_dir, tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="has no 'state_dict'"):
         load_checkpoint(module, tmp_path / "plain.pt")
-    torch.save({"state_dict": {"student.x": torch.zeros(1)}, "distill": {"module": "ContrastiveModule"}},
-               tmp_path / "other.ckpt")
+    torch.save(
+        {"state_dict": {"student.x": torch.zeros(1)}, "distill": {"module": "ContrastiveModule"}},
+        tmp_path / "other.ckpt",
+    )
     with pytest.raises(ValueError, match="written by ContrastiveModule"):
         load_checkpoint(module, tmp_path / "other.ckpt")
     torch.save({"state_dict": {"student.x": torch.zeros(1)}}, tmp_path / "mismatch.ckpt")
@@ -176,16 +197,31 @@ def test_distill_export_command_from_a_training_checkpoint(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     tiny = build_clip(model_config=tiny_config)
     save_local_dir(tiny.model, tiny.model_config, tiny.preprocess_config, "runs/demo/teacher/open_clip")
-    base = ["--config", str(Path(__file__).parents[1] / "configs" / "distill" / "labels_only.yaml"),
-            "--data.init_args.num_train=16", "--data.init_args.num_val=14", "--data.init_args.num_test=21",
-            "--data.init_args.batch_size=8", "--model.init_args.student.init_args.image_size=32",
-            "--trainer.logger=false", "--trainer.callbacks=[]"]
-    cli = main(["fit", *base, "--trainer.max_steps=2", "--trainer.default_root_dir=run",
-                "--trainer.enable_progress_bar=false"])
+    base = [
+        "--config",
+        str(Path(__file__).parents[1] / "configs" / "distill" / "labels_only.yaml"),
+        "--data.init_args.num_train=16",
+        "--data.init_args.num_val=14",
+        "--data.init_args.num_test=21",
+        "--data.init_args.batch_size=8",
+        "--model.init_args.student.init_args.image_size=32",
+        "--trainer.logger=false",
+        "--trainer.callbacks=[]",
+    ]
+    cli = main(
+        ["fit", *base, "--trainer.max_steps=2", "--trainer.default_root_dir=run", "--trainer.enable_progress_bar=false"]
+    )
     ckpt = "student.ckpt"
     cli.trainer.save_checkpoint(ckpt)
-    export = ["export", *base, "--output_dir=bundle", "--quantize=[static]", "--bitsandbytes=[]",
-              "--num_calibration_images=16", "--latency_repeats=2"]
+    export = [
+        "export",
+        *base,
+        "--output_dir=bundle",
+        "--quantize=[static]",
+        "--bitsandbytes=[]",
+        "--num_calibration_images=16",
+        "--latency_repeats=2",
+    ]
     main([*export, f"--ckpt_path={ckpt}"])
     assert "| ORT INT8 static QDQ (per-channel) |" in capsys.readouterr().out
     meta = json.loads(Path("bundle/bundle.json").read_text())

@@ -17,12 +17,17 @@ def folder(tmp_path):
 
 
 def test_batches_classes_and_domains(folder):
-    dm = ImageTextDataModule(root=str(folder), train_csv=str(folder / "train.csv"), val_csv=str(folder / "val.csv"),
-                             ood_domains=["sketch"], batch_size=4)
+    dm = ImageTextDataModule(
+        root=str(folder),
+        train_csv=str(folder / "train.csv"),
+        val_csv=str(folder / "val.csv"),
+        ood_domains=["sketch"],
+        batch_size=4,
+    )
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (4, 3, 64, 64) and len(batch["caption"]) == 4
-    rows = list(csv.DictReader(open(folder / "train.csv")))
-    val_rows = list(csv.DictReader(open(folder / "val.csv")))
+    rows = list(csv.DictReader((folder / "train.csv").read_text().splitlines()))
+    val_rows = list(csv.DictReader((folder / "val.csv").read_text().splitlines()))
     assert dm.classnames == sorted({r["classname"] for r in rows + val_rows})
     assert dm.id_domains == ["flat", "outline"] and dm.ood_domains == ["sketch"]
     for index, label, caption in zip(batch["index"], batch["label"], batch["caption"]):
@@ -43,8 +48,19 @@ def test_errors_name_the_file_and_column(folder):
 
 def test_zero_shot_validation_on_csv_data(folder, tiny_local_dir, monkeypatch):
     monkeypatch.chdir(folder)
-    cli = main(["validate", "--model=ZeroShotModule", f"--model.init_args.model_name=local-dir:{tiny_local_dir}",
-                "--data=ImageTextDataModule", f"--data.init_args.root={folder}", "--data.init_args.val_csv=val.csv",
-                "--data.init_args.ood_domains=[sketch]", "--trainer.callbacks+=ZeroShotEvaluation",
-                "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.logger=false"])
+    cli = main(
+        [
+            "validate",
+            "--model=ZeroShotModule",
+            f"--model.init_args.model_name=local-dir:{tiny_local_dir}",
+            "--data=ImageTextDataModule",
+            f"--data.init_args.root={folder}",
+            "--data.init_args.val_csv=val.csv",
+            "--data.init_args.ood_domains=[sketch]",
+            "--trainer.callbacks+=ZeroShotEvaluation",
+            "--trainer.accelerator=cpu",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.logger=false",
+        ]
+    )
     assert {"val/top1_flat", "val/top1_sketch", "val/ood_top1", "val/t2i_r5"} <= set(cli.trainer.callback_metrics)

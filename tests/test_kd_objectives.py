@@ -7,8 +7,14 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import DistillClipLoss
 
-from distill.kd_objectives import (AffinityDistillation, ClassTextAlignment, FeatureDistillation,
-                                   InteractiveContrastive, LabelCrossEntropy, LogitDistillation)
+from distill.kd_objectives import (
+    AffinityDistillation,
+    ClassTextAlignment,
+    FeatureDistillation,
+    InteractiveContrastive,
+    LabelCrossEntropy,
+    LogitDistillation,
+)
 from distill.objectives import InfoNCE
 
 
@@ -21,10 +27,14 @@ def outputs():
     torch.manual_seed(0)
     n, d, c = 6, 8, 4
     return {
-        "image_embeds": _unit(n, d).requires_grad_(), "text_embeds": _unit(n, d).requires_grad_(),
-        "teacher_image_embeds": _unit(n, d), "teacher_text_embeds": _unit(n, d),
-        "logit_scale": torch.tensor(12.0, dtype=torch.float64), "teacher_logit_scale": torch.tensor(30.0, dtype=torch.float64),
-        "class_bank": _unit(c, d), "labels": torch.tensor([0, 1, 2, 3, 0, 1]),
+        "image_embeds": _unit(n, d).requires_grad_(),
+        "text_embeds": _unit(n, d).requires_grad_(),
+        "teacher_image_embeds": _unit(n, d),
+        "teacher_text_embeds": _unit(n, d),
+        "logit_scale": torch.tensor(12.0, dtype=torch.float64),
+        "teacher_logit_scale": torch.tensor(30.0, dtype=torch.float64),
+        "class_bank": _unit(c, d),
+        "labels": torch.tensor([0, 1, 2, 3, 0, 1]),
     }
 
 
@@ -35,8 +45,14 @@ def _entropy_rows(logits):
 
 def test_affinity_matches_open_clip_distill_clip_loss(outputs):
     o = outputs
-    task, distill = DistillClipLoss()(o["image_embeds"], o["text_embeds"], o["logit_scale"],
-                                      o["teacher_image_embeds"], o["teacher_text_embeds"], o["teacher_logit_scale"])
+    task, distill = DistillClipLoss()(
+        o["image_embeds"],
+        o["text_embeds"],
+        o["logit_scale"],
+        o["teacher_image_embeds"],
+        o["teacher_text_embeds"],
+        o["teacher_logit_scale"],
+    )
     ours = AffinityDistillation()(o)
     teacher = o["teacher_logit_scale"] * o["teacher_image_embeds"] @ o["teacher_text_embeds"].T
     # open_clip's term is a cross entropy: KL plus the teacher's (constant) entropy.
@@ -90,7 +106,7 @@ def test_logit_distillation_formula(outputs):
         p = torch.softmax(scale * o["teacher_image_embeds"][i] @ bank.T / temp, 0)
         q = torch.log_softmax(scale * o["image_embeds"][i] @ bank.T / temp, 0)
         total = total + (p * (p.log() - q)).sum()
-    torch.testing.assert_close(LogitDistillation(temperature=temp)(o), total / 6 * temp ** 2)
+    torch.testing.assert_close(LogitDistillation(temperature=temp)(o), total / 6 * temp**2)
 
 
 def test_label_cross_entropy_and_class_text_alignment(outputs):

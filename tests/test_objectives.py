@@ -95,7 +95,9 @@ def test_soft_target_matches_loop_formula():
             acc += -sum(math.exp(st[i][j] / tau) / zt * (lg[i][j] - zl) for j in range(N))
         return acc / N
 
-    tr = lambda m: [list(c) for c in zip(*m)]  # noqa: E731
+    def tr(m):
+        return [list(c) for c in zip(*m)]
+
     expected = (direction(logits, s) + direction(tr(logits), tr(s))) / 2
     torch.testing.assert_close(ours.detach(), torch.tensor(expected, dtype=torch.float64), **TOL)
 

@@ -1,6 +1,7 @@
 import csv
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 from distill import shapesworld as sw
 from distill.datamodules import ShapesWorldDataModule
 from distill.datamodules.shapesworld_datamodule import split_classes
+from distill.shapesworld_text import SHAPE_SYNONYMS
 
 
 def test_world_has_enough_classes_domains_and_colours():
@@ -26,10 +28,14 @@ def test_render_is_deterministic_and_seed_dependent():
 
 
 def test_same_item_in_two_processes():
-    code = ("import hashlib; from distill.shapesworld import render; it = render(123, seed=7, domain=3); "
-            "print(hashlib.sha256(it.image.tobytes()).hexdigest(), it.caption)")
-    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-            for _ in range(2)]
+    code = (
+        "import hashlib; from distill.shapesworld import render; it = render(123, seed=7, domain=3); "
+        "print(hashlib.sha256(it.image.tobytes()).hexdigest(), it.caption)"
+    )
+    outs = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    ]
     assert outs[0] == outs[1] and len(outs[0]) > 64
 
 
@@ -52,7 +58,7 @@ def test_domains_look_different():
 def test_captions_vary_and_always_name_the_shape():
     captions = [sw.render(i, label=0).caption for i in range(200)]
     assert len(set(captions)) > 60
-    synonyms = sw.SHAPE_SYNONYMS["circle"]
+    synonyms = SHAPE_SYNONYMS["circle"]
     assert all(any(s in c.lower() for s in synonyms) for c in captions)
     assert any("circle" not in c.lower() for c in captions)  # synonyms are used
 
@@ -80,8 +86,15 @@ def test_base_novel_split_halves_sorted_names():
 
 
 def test_datamodule_batches_and_splits():
-    dm = ShapesWorldDataModule(train_domains=["flat", "outline"], num_train=32, num_val=28, num_test=14,
-                               batch_size=8, train_classes="base", eval_classes="novel")
+    dm = ShapesWorldDataModule(
+        train_domains=["flat", "outline"],
+        num_train=32,
+        num_val=28,
+        num_test=14,
+        batch_size=8,
+        train_classes="base",
+        eval_classes="novel",
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) >= {"image", "caption", "label", "domain"}
@@ -130,7 +143,7 @@ def test_write_image_folder_roundtrip(tmp_path):
     from PIL import Image
 
     csv_path = sw.write_image_folder(str(tmp_path), split="val", num_items=14, domains=["flat", "sketch"])
-    rows = list(csv.DictReader(open(csv_path)))
+    rows = list(csv.DictReader(Path(csv_path).read_text().splitlines()))
     assert len(rows) == 14 and {r["domain"] for r in rows} == {"flat", "sketch"}
     first = rows[0]
     pixels = np.asarray(Image.open(tmp_path / first["filepath"]))

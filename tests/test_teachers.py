@@ -1,9 +1,9 @@
+import open_clip
 import pytest
 import torch
 from PIL import Image
 
-import open_clip
-from distill.clip_models import build_clip, check_model_name, resolve_pretrained, save_local_dir
+from distill.clip_models import build_clip, check_model_name, resolve_pretrained
 from distill.teachers import Teacher
 
 

@@ -37,24 +37,42 @@ class _Module(torch.nn.Module):
 
 
 def _datamodule(eval_classes=None):
-    return SimpleNamespace(classnames=["a", "b", "c", "d"], templates=["{}"], domain_names=["x", "y", "z"],
-                           id_domains=["x", "y"], ood_domains=["z"], eval_class_indices=eval_classes)
+    return SimpleNamespace(
+        classnames=["a", "b", "c", "d"],
+        templates=["{}"],
+        domain_names=["x", "y", "z"],
+        id_domains=["x", "y"],
+        ood_domains=["z"],
+        eval_class_indices=eval_classes,
+    )
 
 
 def _run(callback, module, datamodule, image, text, label, domain, tmp_path):
-    trainer = SimpleNamespace(datamodule=datamodule, sanity_checking=False, is_global_zero=True, current_epoch=0,
-                              global_step=3, log_dir=str(tmp_path), default_root_dir=str(tmp_path))
+    trainer = SimpleNamespace(
+        datamodule=datamodule,
+        sanity_checking=False,
+        is_global_zero=True,
+        current_epoch=0,
+        global_step=3,
+        log_dir=str(tmp_path),
+        default_root_dir=str(tmp_path),
+    )
     callback.on_test_epoch_start(trainer, module)
     for i in range(0, len(label), 2):  # two batches
-        callback.on_test_batch_end(trainer, module, {"image_embeds": image[i:i + 2], "text_embeds": text[i:i + 2]},
-                                   {"label": label[i:i + 2], "domain": domain[i:i + 2]}, 0)
+        callback.on_test_batch_end(
+            trainer,
+            module,
+            {"image_embeds": image[i : i + 2], "text_embeds": text[i : i + 2]},
+            {"label": label[i : i + 2], "domain": domain[i : i + 2]},
+            0,
+        )
     callback.on_test_epoch_end(trainer, module)
     return module.logged
 
 
 def test_per_domain_id_ood_and_retrieval(tmp_path):
     # 4 samples: domain x (2 samples, 1 right), y (1 sample, right), z (1 sample, wrong).
-    image = torch.tensor([[1., 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])
+    image = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])
     label = torch.tensor([0, 1, 1, 2])
     domain = torch.tensor([0, 0, 1, 2])
     text = image.clone()
@@ -78,10 +96,26 @@ def test_eval_classes_restrict_the_classifier(tmp_path):
     # right when only classes {2, 3} are candidates (novel-class evaluation).
     image = torch.tensor([[0.8, 0.0, 0.0, 0.6], [0.0, 0.0, 1.0, 0.0]])
     label, domain = torch.tensor([3, 2]), torch.tensor([0, 0])
-    full = _run(ZeroShotEvaluation(top_k=(1,), retrieval=False), _Module(4), _datamodule(), image, image, label,
-                domain, tmp_path)
-    novel = _run(ZeroShotEvaluation(top_k=(1,), retrieval=False), _Module(4), _datamodule([2, 3]), image, image,
-                 label, domain, tmp_path)
+    full = _run(
+        ZeroShotEvaluation(top_k=(1,), retrieval=False),
+        _Module(4),
+        _datamodule(),
+        image,
+        image,
+        label,
+        domain,
+        tmp_path,
+    )
+    novel = _run(
+        ZeroShotEvaluation(top_k=(1,), retrieval=False),
+        _Module(4),
+        _datamodule([2, 3]),
+        image,
+        image,
+        label,
+        domain,
+        tmp_path,
+    )
     assert full["test/top1_x"] == pytest.approx(0.5) and novel["test/top1_x"] == pytest.approx(1.0)
 
 
