@@ -1,4 +1,4 @@
-# make test  - create/refresh .venv, then run the test suite (what CI runs)
+# make test  - create/refresh .venv, then lint (ruff check, ruff format --check) and run the test suite (what CI runs)
 # make demo  - create/refresh .venv, then run the ShapesWorld demo (FORCE=1 retrains the teacher)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -19,15 +19,17 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 demo: venv
 	@if [ -f $(TEACHER)/open_clip_config.json ] && [ -z "$(FORCE)" ]; then \
 		echo "teacher cached in $(TEACHER); skipping pretraining (make demo FORCE=1 retrains it)"; \
 	else \
-		$(BIN)/distill fit --config configs/demo/teacher.yaml; \
+		$(BIN)/distill fit --config configs/demo/base.yaml --config configs/demo/teacher.yaml; \
 	fi
-	$(BIN)/distill test --config configs/demo/teacher_eval.yaml
+	$(BIN)/distill test --config configs/demo/base.yaml --config configs/demo/teacher_eval.yaml
 	$(BIN)/python benchmarks/distill_report.py --recipes '[$(DEMO_RECIPE)]' --seeds '[0]' --max_steps 300 \
 		--extra_args '["--model.init_args.align_steps=150"]' --out runs/demo/report
 	$(BIN)/python benchmarks/export_report.py --recipe $(DEMO_RECIPE) --runs runs/demo/report --out runs/demo/export

@@ -1,6 +1,7 @@
 """Teacher-vs-student report: which distillation recipe keeps the teacher's ID and OOD accuracy.
 
-Trains one student per recipe and seed with ``distill fit`` (the configs in configs/distill/),
+Trains one student per recipe and seed with ``distill fit`` (overlays on configs/distill/base.yaml,
+composed by ``recipes.py``),
 tests each on the ShapesWorld test split (training domains = ID, held-out domains = OOD) and
 writes one table, as JSON and markdown, under ``--out``:
 
@@ -21,11 +22,11 @@ from pathlib import Path
 
 import torch
 from jsonargparse import CLI
+from recipes import BASE, recipe_args, recipe_configs, run_name
 
+from distill.callbacks import ZeroShotEvaluation
 from distill.cli import main as distill
 
-ROOT = Path(__file__).resolve().parents[1]
-BASE = ROOT / "configs" / "distill" / "labels_only.yaml"
 RECIPES = ["labels_only", "fd", "affinity", "icl", "clip_kd", "vl2v_adip"]
 LABELS = {
     "labels_only": "student, labels only (no KD)",
@@ -34,7 +35,7 @@ LABELS = {
     "icl": "ICL (labels + interactive contrastive)",
     "clip_kd": "CLIP-KD recipe",
     "vl2v_adip": "VL2V-ADiP",
-    "openclip_student": "open_clip dual tower, CLIP-KD",
+    "openclip_student": "open_clip dual-tower student",
     "augment": "consistent TrivialAugment",
 }
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -42,7 +43,7 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 
 def _test_metrics(cli) -> dict[str, float]:
     cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
-    callback = next(c for c in cli.trainer.callbacks if hasattr(c, "results"))
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, ZeroShotEvaluation))
     return callback.results["test"]
 
 
@@ -90,26 +91,21 @@ def _teacher_row(out: Path, teacher: str) -> dict:
 
 def _student_row(recipe: str, seeds: list[int], out: Path, teacher: str, max_steps: int, extra_args: list[str]) -> dict:
     # "a+b": the overlays a.yaml then b.yaml on the base config (e.g. vl2v_adip+augment).
-    parts = recipe.split("+")
     row: dict = {
         "recipe": recipe,
-        "label": " + ".join(LABELS.get(p, p) for p in parts),
+        "label": " + ".join(LABELS.get(p.stem, p.stem) for p in recipe_configs(recipe)[1:]),
         "id_top1": [],
         "ood_top1": [],
         "train_seconds": [],
     }
-    configs = [BASE] + [ROOT / "configs" / "distill" / f"{p}.yaml" for p in parts if p != "labels_only"]
-    if "openclip_student" in parts:
-        configs.insert(1, ROOT / "configs" / "distill" / "clip_kd.yaml")
     for seed in seeds:
-        run_dir = out / recipe.replace("+", "_") / f"seed{seed}"
+        run_dir = out / run_name(recipe) / f"seed{seed}"  # logs in run_dir/logs, as for every run
         args = [
             "fit",
-            *[a for c in configs for a in ("--config", str(c))],
+            *recipe_args(recipe),
             f"--seed_everything={seed}",
             f"--trainer.max_steps={max_steps}",
             f"--trainer.default_root_dir={run_dir}",
-            f"--trainer.logger.init_args.save_dir={run_dir}",
             f"--model.init_args.teacher.model_name=local-dir:{teacher}",
             *QUIET,
             *extra_args,
@@ -124,12 +120,7 @@ def _student_row(recipe: str, seeds: list[int], out: Path, teacher: str, max_ste
         row["ood_top1"].append(metrics["ood_top1"])
     student = cli.model.student
     row["params"] = student.image_tower_params()
-    size = (
-        cli.model.student.preprocess_config["size"]
-        if hasattr(student, "preprocess_config")
-        else student.data_config["input_size"][-1]
-    )
-    row["images_per_s"] = _images_per_second(student, size if isinstance(size, int) else size[0])
+    row["images_per_s"] = _images_per_second(student, student.image_size)
     return row
 
 
@@ -167,8 +158,8 @@ def report(
     """Train every recipe for every seed, test them, and write ``report.json`` / ``report.md``.
 
     Args:
-        recipes: recipe names (files in configs/distill/, overlays joined by "+", e.g.
-            ``vl2v_adip+augment``); default: the six timm recipes.
+        recipes: recipe names (overlays in configs/distill/ joined by "+", e.g. ``vl2v_adip+augment``
+            or ``clip_kd+openclip_student``; see recipes.py); default: the six timm recipes.
         seeds: seeds; default 0, 1, 2.
         max_steps: optimizer steps per student (the training budget).
         teacher: the teacher's open_clip local-dir folder.
@@ -179,11 +170,14 @@ def report(
             student rows are kept (before the new ones) instead of being retrained.
     """
     recipes, seeds = recipes or RECIPES, seeds if seeds is not None else [0, 1, 2]
+    for recipe in recipes:
+        recipe_configs(recipe)  # an unknown overlay stops here, before any training
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not (Path(teacher) / "open_clip_config.json").is_file():
         raise FileNotFoundError(
-            f"no teacher at {teacher}: run `make demo` (or distill fit --config configs/demo/teacher.yaml) first"
+            f"no teacher at {teacher}: run `make demo` (or distill fit --config configs/demo/base.yaml "
+            "--config configs/demo/teacher.yaml) first"
         )
     teacher_row = _teacher_row(out_dir, teacher)
     rows = []

@@ -21,11 +21,9 @@ import sys
 from pathlib import Path
 
 from jsonargparse import CLI
+from recipes import recipe_args, run_name
 
 from distill.cli import main as distill
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs" / "distill"
 
 
 def newest_checkpoint(folder: Path) -> Path:
@@ -49,22 +47,21 @@ def report(
     """Export a student, write ``export_report.json``/``.md`` under ``out``, run the edge runner.
 
     Args:
-        recipe: the student's recipe (its configs in configs/distill/, joined by "+", are laid
-            over labels_only.yaml).
+        recipe: the student's recipe (overlays in configs/distill/ joined by "+", laid over
+            base.yaml; see recipes.py).
         ckpt: the student's checkpoint; default: ``runs/<recipe>/seed0/final.ckpt``.
         runs: where distill_report.py trained the students.
         teacher: the teacher's open_clip local-dir folder (for the class bank).
         out: output folder; the edge bundle goes to ``out/bundle``.
         extra_args: more ``distill export`` arguments, e.g. ``["--quantize=[static]"]``.
     """
-    checkpoint = Path(ckpt) if ckpt else newest_checkpoint(Path(runs) / recipe.replace("+", "_") / "seed0")
-    # "a+b": overlays a.yaml then b.yaml, as in distill_report.py (run folders use "_").
-    configs = [CONFIGS / "labels_only.yaml"] + [CONFIGS / f"{p}.yaml" for p in recipe.split("+") if p != "labels_only"]
+    configs = recipe_args(recipe)  # the same configs distill_report.py trained the student with
+    checkpoint = Path(ckpt) if ckpt else newest_checkpoint(Path(runs) / run_name(recipe) / "seed0")
     out_dir = Path(out)
     bundle = out_dir / "bundle"
     args = [
         "export",
-        *[a for c in configs for a in ("--config", str(c))],
+        *configs,
         f"--ckpt_path={checkpoint}",
         f"--output_dir={bundle}",
         f"--model.init_args.teacher.model_name=local-dir:{teacher}",

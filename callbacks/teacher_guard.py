@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
 import torch
+
+from distill.modules.base import VisionLanguageTask
 
 
 class TeacherFrozenCheck(pl.Callback):
@@ -23,18 +27,17 @@ class TeacherFrozenCheck(pl.Callback):
         self._checksums: dict[str, float] = {}
 
     @staticmethod
-    def _teacher(pl_module) -> torch.nn.Module:
-        teacher = getattr(pl_module, "teacher", None)
-        if teacher is None:
-            raise AttributeError(f"TeacherFrozenCheck: {type(pl_module).__name__} has no 'teacher' attribute")
-        return teacher
+    def _teacher(pl_module: pl.LightningModule) -> torch.nn.Module:
+        if not isinstance(pl_module, VisionLanguageTask) or pl_module.teacher is None:
+            raise ValueError(f"TeacherFrozenCheck: {type(pl_module).__name__} has no teacher to check")
+        return pl_module.teacher
 
     @staticmethod
     def _sums(teacher: torch.nn.Module) -> dict[str, float]:
         tensors = {**dict(teacher.named_parameters()), **dict(teacher.named_buffers())}
         return {name: float(t.detach().double().sum()) for name, t in tensors.items() if t.is_floating_point()}
 
-    def _check(self, pl_module, where: str, weights: bool) -> None:
+    def _check(self, pl_module: pl.LightningModule, where: str, weights: bool) -> None:
         teacher = self._teacher(pl_module)
         if any(m.training for m in teacher.modules()):
             raise RuntimeError(f"teacher is in training mode ({where}); it must stay in eval mode")
@@ -46,14 +49,16 @@ class TeacherFrozenCheck(pl.Callback):
             if changed:
                 raise RuntimeError(f"teacher weights changed during training ({where}): {changed[:3]}")
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check(pl_module, "fit start", weights=False)
         self._checksums = self._sums(self._teacher(pl_module))
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         weights = self.every_n_steps > 0 and step % self.every_n_steps == 0
         self._check(pl_module, f"step {step}", weights=weights)
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check(pl_module, "end of training", weights=True)

@@ -9,20 +9,20 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from distill.cuda_ext import similarity_topk
+from distill.datamodules.base import VisionLanguageDataModule
 from distill.files import atomic_write_json
-from distill.zeroshot import build_class_bank, domain_accuracies, load_descriptors, zero_shot_hits
+from distill.modules.base import VisionLanguageTask
+from distill.zeroshot import domain_accuracies, load_descriptors, retrieval_recall, zero_shot_hits
 
 
 class ZeroShotEvaluation(pl.Callback):
     """Zero-shot top-k per domain and image<->text recall at the end of validation and test.
 
-    The module's ``validation_step`` / ``test_step`` must return a dict with ``image_embeds``
-    (B, D) and, for retrieval, ``text_embeds`` (B, D). The datamodule provides ``classnames``,
-    ``templates``, ``domain_names``, ``id_domains``, ``ood_domains`` and optionally
-    ``eval_class_indices``. The classifier is the module's text tower applied to the templates:
-    ``pl_module.class_bank(...)`` when the module has one (frozen teachers cache it), else built
-    once per evaluation from ``encode_text`` and ``tokenizer``.
+    Works with any distill module (``VisionLanguageTask``: its shared eval steps return
+    ``image_embeds`` (B, D) and, for retrieval, ``text_embeds`` (B, D)) and datamodule
+    (``VisionLanguageDataModule``: ``classnames``, ``templates``, ``domain_names``,
+    ``id_domains``, ``ood_domains``, ``eval_class_indices``). The classifier is the module's
+    ``class_bank(classnames, templates)``.
 
     Logged keys (``<stage>`` is ``val`` or ``test``): ``<stage>/top1_<domain>``,
     ``<stage>/top5_<domain>``, ``<stage>/id_top1``, ``<stage>/ood_top1`` (means over domains),
@@ -54,6 +54,18 @@ class ZeroShotEvaluation(pl.Callback):
         self._buffer: dict[str, list[torch.Tensor]] = {}
 
     # Collection ------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check, before any work, that the module and the datamodule are distill's."""
+        if not isinstance(pl_module, VisionLanguageTask):
+            raise TypeError(
+                f"ZeroShotEvaluation needs a distill module (VisionLanguageTask), got {type(pl_module).__name__}"
+            )
+        if not isinstance(trainer.datamodule, VisionLanguageDataModule):
+            raise TypeError(
+                "ZeroShotEvaluation needs a distill datamodule (VisionLanguageDataModule), "
+                f"got {type(trainer.datamodule).__name__}"
+            )
+
     def _reset(self) -> None:
         self._buffer = {"image": [], "text": [], "label": [], "domain": []}
 
@@ -66,27 +78,43 @@ class ZeroShotEvaluation(pl.Callback):
         self._buffer["label"].append(batch["label"])
         self._buffer["domain"].append(batch["domain"])
 
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: VisionLanguageTask) -> None:
         self._reset()
 
-    def on_test_epoch_start(self, trainer, pl_module) -> None:
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: VisionLanguageTask) -> None:
         self._reset()
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: VisionLanguageTask,
+        outputs: Any,
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._collect(outputs, batch)
 
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: VisionLanguageTask,
+        outputs: Any,
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._collect(outputs, batch)
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: VisionLanguageTask) -> None:
         if not trainer.sanity_checking:
             self._evaluate(trainer, pl_module, "val")
 
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: VisionLanguageTask) -> None:
         self._evaluate(trainer, pl_module, "test")
 
     # Metrics ---------------------------------------------------------------------------------
-    def _gathered(self, pl_module, key: str) -> torch.Tensor | None:
+    def _gathered(self, pl_module: VisionLanguageTask, key: str) -> torch.Tensor | None:
         if not self._buffer[key]:
             return None
         local = torch.cat(self._buffer[key])
@@ -94,15 +122,13 @@ class ZeroShotEvaluation(pl.Callback):
             local = pl_module.all_gather(local).flatten(0, 1)
         return local
 
-    def _class_bank(self, pl_module, datamodule) -> torch.Tensor:
+    def _class_bank(self, pl_module: VisionLanguageTask, datamodule: VisionLanguageDataModule) -> torch.Tensor:
         classnames, templates = datamodule.classnames, self.templates or datamodule.templates
         descriptors = load_descriptors(self.descriptors_path, classnames) if self.descriptors_path else None
-        if hasattr(pl_module, "class_bank"):
-            return pl_module.class_bank(classnames, templates, descriptors)
-        return build_class_bank(pl_module, pl_module.tokenizer, classnames, templates, descriptors, pl_module.device)
+        return pl_module.class_bank(classnames, templates, descriptors)
 
     @torch.no_grad()
-    def _evaluate(self, trainer, pl_module, stage: str) -> None:
+    def _evaluate(self, trainer: pl.Trainer, pl_module: VisionLanguageTask, stage: str) -> None:
         datamodule = trainer.datamodule
         images = self._gathered(pl_module, "image")
         if images is None:
@@ -113,35 +139,29 @@ class ZeroShotEvaluation(pl.Callback):
             results.update(self._classification(pl_module, datamodule, images, labels, domains))
         texts = self._gathered(pl_module, "text")
         if self.retrieval and texts is not None:
-            results.update(self._retrieval(images[: self.retrieval_items], texts[: self.retrieval_items]))
+            results.update(retrieval_recall(images[: self.retrieval_items], texts[: self.retrieval_items]))
 
         self.results[stage] = results
         pl_module.log_dict({f"{stage}/{k}": v for k, v in results.items()}, sync_dist=False)
         if trainer.is_global_zero:
             self._report(trainer, stage, results)
 
-    def _classification(self, pl_module, datamodule, images, labels, domains) -> dict[str, float]:
+    def _classification(
+        self,
+        pl_module: VisionLanguageTask,
+        datamodule: VisionLanguageDataModule,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        domains: torch.Tensor,
+    ) -> dict[str, float]:
         was_training = pl_module.training
         pl_module.eval()
         bank = self._class_bank(pl_module, datamodule).float()
         pl_module.train(was_training)
-        hits = zero_shot_hits(images, bank, labels, getattr(datamodule, "eval_class_indices", None), self.top_k)
+        hits = zero_shot_hits(images, bank, labels, datamodule.eval_class_indices, self.top_k)
         return domain_accuracies(hits, domains, datamodule.domain_names, datamodule.id_domains, datamodule.ood_domains)
 
-    def _retrieval(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, float]:
-        # Recall@k of the paired item, from the similarity engine's fused top-k: no (N, N) matrix.
-        n = images.shape[0]
-        k_max = min(5, n)
-        paired = torch.arange(n, device=images.device)[:, None]
-        out = {}
-        for name, queries, keys in (("i2t", images, texts), ("t2i", texts, images)):
-            _, top = similarity_topk(queries.float(), keys.float(), k_max)
-            hits = top == paired
-            for k in (1, 5):
-                out[f"{name}_r{k}"] = hits[:, : min(k, k_max)].any(dim=1).float().mean().item()
-        return out
-
-    def _report(self, trainer, stage: str, results: dict[str, float]) -> None:
+    def _report(self, trainer: pl.Trainer, stage: str, results: dict[str, float]) -> None:
         folder = Path(self.report_dir or trainer.log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         payload = {"stage": stage, "epoch": trainer.current_epoch, "step": trainer.global_step, "metrics": results}

@@ -7,12 +7,22 @@ use (:func:`load_cuda`), never at import or install. Imports only torch.
 """
 
 from ._build import build_cuda, cuda_is_loaded, load_cuda
-from .ops import AUTO_TILED_MIN_ELEMENTS, BACKENDS, infonce_loss, kd_loss, resolve_backend, siglip_loss, similarity_topk
+from .ops import (
+    AUTO_TILED_MIN_ELEMENTS,
+    BACKENDS,
+    check_backend,
+    infonce_loss,
+    kd_loss,
+    resolve_backend,
+    siglip_loss,
+    similarity_topk,
+)
 
 __all__ = [
     "AUTO_TILED_MIN_ELEMENTS",
     "BACKENDS",
     "build_cuda",
+    "check_backend",
     "cuda_is_loaded",
     "infonce_loss",
     "kd_loss",

@@ -8,14 +8,15 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_embeddings(
-    named: dict[str, torch.Tensor], *, same_width: tuple[str, ...] = (), check_finite: bool = True
+    named: dict[str, torch.Tensor], *, same_width: tuple[tuple[str, str], ...] = (), check_finite: bool = True
 ) -> None:
     """Validate 2-D embedding tensors that go into one op.
 
     Args:
         named: ``{name: (rows, D) tensor}`` in the order they appear in the op's signature.
-        same_width: names whose last dimension must be equal (the pair that is multiplied).
-        check_finite: also reject NaN/inf (one reduction per tensor; O(N D)).
+        same_width: pairs of names whose last dimensions must be equal (the pairs that are multiplied).
+        check_finite: also reject NaN/inf: one reduction per tensor and a single host sync for all
+            of them; the offending tensor is found (and named) only when the check fails.
 
     Raises:
         TypeError: a value is not a floating tensor, or dtypes/devices are mixed.
@@ -35,16 +36,18 @@ def check_embeddings(
             raise TypeError(f"{name} is on {t.device} but {first_name} is on {first.device}: move both to one device")
         if t.dtype != first.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}: cast both to one dtype")
-    if same_width:
-        widths = {name: named[name].shape[1] for name in same_width}
-        if len(set(widths.values())) > 1:
-            desc = ", ".join(f"{n} has D={w}" for n, w in widths.items())
-            raise ValueError(f"embedding widths differ ({desc}); the similarity needs equal D")
+    for a, b in same_width:
+        if named[a].shape[1] != named[b].shape[1]:
+            raise ValueError(
+                f"embedding widths differ ({a} has D={named[a].shape[1]}, {b} has D={named[b].shape[1]}); "
+                "the similarity needs equal D"
+            )
     # Value checks need a host sync; under torch.compile they would break the graph, so skip them.
     if check_finite and not torch.compiler.is_compiling():
-        for name, t in named.items():
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+        finite = {name: torch.isfinite(t).all() for name, t in named.items()}
+        if not bool(torch.stack(list(finite.values())).all()):
+            bad = next(name for name, ok in finite.items() if not bool(ok))
+            raise ValueError(f"{bad} contains non-finite values (NaN or inf)")
 
 
 def as_scalar(value: float | torch.Tensor, name: str, like: torch.Tensor) -> torch.Tensor:

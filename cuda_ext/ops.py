@@ -4,11 +4,16 @@ Backends: ``reference`` (plain formula, O(N M) memory), ``tiled`` (row blocks, O
 torch custom ops ``distill_tiled::*``), ``cuda`` (C++/CUDA custom ops ``distill_cuda::*``,
 built on first use). ``auto`` takes ``reference`` below ``AUTO_TILED_MIN_ELEMENTS`` logits, else
 ``cuda`` for CUDA tensors when the extension builds, else ``tiled``.
+
+Every op checks its inputs (shapes, dtypes, devices, and by default NaN/inf, naming the
+tensor). The NaN/inf check costs one host sync per call; ``check_finite=False`` skips it for
+callers that check the loss itself: ``distill.objectives.weighted_sum`` does, once per training
+step, so the objectives pass False and a step syncs once for non-finite values, not per op.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -17,10 +22,24 @@ from . import _build, _tiled_ops, reference  # noqa: F401
 from ._validate import as_scalar, check_embeddings, check_offset, check_weights
 
 Backend = Literal["auto", "reference", "tiled", "cuda"]
-BACKENDS = ("auto", "reference", "tiled", "cuda")
+BACKENDS: tuple[str, ...] = get_args(Backend)
 #: From this many logits (N * M) on, ``auto`` leaves the plain formula: measured on CPU, tiled
 #: is slower at N = 1,024 (fewer, smaller GEMMs) and faster from N = 4,096 on.
 AUTO_TILED_MIN_ELEMENTS = 2048 * 2048
+
+
+def check_backend(backend: str) -> str:
+    """Return ``backend`` when it is one of :data:`BACKENDS`.
+
+    The one check of backend names: the ops run it on every call (in :func:`resolve_backend`)
+    and the objectives at construction, so a typo in a config fails before training starts.
+
+    Raises:
+        ValueError: unknown backend name (the message lists the valid ones).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
 
 
 def resolve_backend(backend: str, x: torch.Tensor, n: int, m: int) -> str:
@@ -30,9 +49,7 @@ def resolve_backend(backend: str, x: torch.Tensor, n: int, m: int) -> str:
         ValueError: unknown backend name.
         RuntimeError: ``cuda`` requested for CPU tensors or the extension cannot be built.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "cuda":
+    if check_backend(backend) == "cuda":
         if x.device.type != "cuda":
             raise RuntimeError(
                 f"backend='cuda' needs CUDA tensors, but the embeddings are on {x.device}; "
@@ -63,6 +80,7 @@ def infonce_loss(
     col_weight: float = 0.5,
     backend: Backend = "auto",
     block_rows: int = 0,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP loss) on ``logit_scale * image @ text.T``.
 
@@ -80,11 +98,12 @@ def infonce_loss(
         col_weight: weight of the text->image term.
         backend: ``auto``, ``reference``, ``tiled`` or ``cuda``.
         block_rows: rows per block for tiled/cuda (0: about 8 Mi logits per block).
+        check_finite: reject NaN/inf embeddings (one host sync; see the module docstring).
 
     Returns:
         Scalar loss in the embeddings' dtype.
     """
-    check_embeddings({"image": image, "text": text}, same_width=("image", "text"))
+    check_embeddings({"image": image, "text": text}, same_width=(("image", "text"),), check_finite=check_finite)
     check_offset(offset, image.shape[0], text.shape[0])
     check_weights(row_weight=row_weight, col_weight=col_weight)
     scale = as_scalar(logit_scale, "logit_scale", image)
@@ -103,6 +122,7 @@ def siglip_loss(
     offset: int = 0,
     backend: Backend = "auto",
     block_rows: int = 0,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Sigmoid loss (SigLIP): ``-sum(logsigmoid(y * (scale * image @ text.T + bias))) / N``.
 
@@ -118,11 +138,12 @@ def siglip_loss(
         offset: column of row 0's positive.
         backend: ``auto``, ``reference``, ``tiled`` or ``cuda``.
         block_rows: rows per block (0: automatic).
+        check_finite: reject NaN/inf embeddings (one host sync; see the module docstring).
 
     Returns:
         Scalar loss.
     """
-    check_embeddings({"image": image, "text": text}, same_width=("image", "text"))
+    check_embeddings({"image": image, "text": text}, same_width=(("image", "text"),), check_finite=check_finite)
     check_offset(offset, image.shape[0], text.shape[0])
     scale = as_scalar(logit_scale, "logit_scale", image)
     bias = as_scalar(logit_bias, "logit_bias", image)
@@ -147,6 +168,7 @@ def kd_loss(
     kind: Literal["kl", "ce"] = "kl",
     backend: Backend = "auto",
     block_rows: int = 0,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Relational distillation: the student's row and column similarity distributions follow the teacher's.
 
@@ -171,6 +193,7 @@ def kd_loss(
         kind: ``kl`` or ``ce``.
         backend: ``auto``, ``reference``, ``tiled`` or ``cuda``.
         block_rows: rows per block (0: automatic).
+        check_finite: reject NaN/inf embeddings (one host sync; see the module docstring).
 
     Returns:
         Scalar loss.
@@ -181,17 +204,9 @@ def kd_loss(
             "student_text": student_text,
             "teacher_image": teacher_image,
             "teacher_text": teacher_text,
-        }
-    )
-    check_embeddings(
-        {"student_image": student_image, "student_text": student_text},
-        same_width=("student_image", "student_text"),
-        check_finite=False,
-    )
-    check_embeddings(
-        {"teacher_image": teacher_image, "teacher_text": teacher_text},
-        same_width=("teacher_image", "teacher_text"),
-        check_finite=False,
+        },
+        same_width=(("student_image", "student_text"), ("teacher_image", "teacher_text")),
+        check_finite=check_finite,
     )
     for s_name, s, t_name, t in (
         ("student_image", student_image, "teacher_image", teacher_image),
@@ -209,32 +224,11 @@ def kd_loss(
     t_scale = as_scalar(teacher_logit_scale, "teacher_logit_scale", student_image).detach()
     teacher_image, teacher_text = teacher_image.detach(), teacher_text.detach()
     name = resolve_backend(backend, student_image, n, m)
+    tensors = (student_image, student_text, teacher_image, teacher_text, scale, t_scale)
     if name == "reference":
-        return reference.kd(
-            student_image,
-            student_text,
-            teacher_image,
-            teacher_text,
-            scale,
-            t_scale,
-            row_weight,
-            col_weight,
-            contrastive_weight,
-            kind,
-        )
-    return _ops(name).kd_fwd(
-        student_image,
-        student_text,
-        teacher_image,
-        teacher_text,
-        scale,
-        t_scale,
-        float(row_weight),
-        float(col_weight),
-        float(contrastive_weight),
-        kind,
-        block_rows,
-    )[0]
+        return reference.kd(*tensors, row_weight, col_weight, contrastive_weight, kind)
+    weights = (float(row_weight), float(col_weight), float(contrastive_weight))
+    return _ops(name).kd_fwd(*tensors, *weights, kind, block_rows)[0]
 
 
 @torch.no_grad()
@@ -253,7 +247,7 @@ def similarity_topk(
     Returns:
         scores (N, k) and indices (N, k) int64, best first.
     """
-    check_embeddings({"queries": queries, "keys": keys}, same_width=("queries", "keys"))
+    check_embeddings({"queries": queries, "keys": keys}, same_width=(("queries", "keys"),))
     if not 1 <= k <= keys.shape[0]:
         raise ValueError(f"k must be in [1, {keys.shape[0]}] (the number of keys), got {k}")
     name = resolve_backend(backend, queries, queries.shape[0], keys.shape[0])

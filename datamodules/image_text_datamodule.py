@@ -6,9 +6,10 @@ import csv
 from pathlib import Path
 
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from distill.datamodules.common import AugmentPolicy, LoaderMixin, ModelIO, Views, build_augment, to_float_tensor
+from distill.datamodules.base import VisionLanguageDataModule
+from distill.datamodules.common import AugmentPolicy, sample_views
 
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}."]
 
@@ -57,7 +58,7 @@ class CsvPairsDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
         with Image.open(self.root / row[self.image_column]) as img:
-            views = (self.transform or Views(to_float_tensor))(img.convert("RGB"))
+            views = sample_views(self.transform, img.convert("RGB"))
         return {
             **views,
             "caption": row[self.caption_column],
@@ -67,7 +68,7 @@ class CsvPairsDataset(Dataset):
         }
 
 
-class ImageTextDataModule(LoaderMixin):
+class ImageTextDataModule(VisionLanguageDataModule):
     """Image-text pairs listed in CSV files, with optional class and domain columns.
 
     Each CSV has one row per pair: an image path (relative to ``root``), a caption, and
@@ -108,9 +109,7 @@ class ImageTextDataModule(LoaderMixin):
         num_workers: int = 0,
         augment: AugmentPolicy = "none",
     ) -> None:
-        super().__init__()
-        build_augment(augment)  # fail on an unknown policy now, not at setup
-        self.augment = augment
+        super().__init__(batch_size, num_workers, augment)
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"data root folder not found: {self.root}")
@@ -121,43 +120,53 @@ class ImageTextDataModule(LoaderMixin):
         self.class_column, self.domain_column = class_column, domain_column
         self.rows = {s: read_pairs_csv(p, self.root, **self.columns) for s, p in self.csvs.items() if p}
         all_rows = [r for rows in self.rows.values() for r in rows]
-        self.classnames = sorted({r[class_column] for r in all_rows if r.get(class_column)})
-        self.domain_names = sorted({r.get(domain_column) or "default" for r in all_rows})
-        unknown = [d for d in ood_domains or [] if d not in self.domain_names]
+        self._classnames = sorted({r[class_column] for r in all_rows if r.get(class_column)})
+        self._domain_names = sorted({r.get(domain_column) or "default" for r in all_rows})
+        unknown = [d for d in ood_domains or [] if d not in self._domain_names]
         if unknown:
-            raise ValueError(f"ood_domains {unknown} do not occur in the CSV files (domains: {self.domain_names})")
-        self.ood_domains = list(ood_domains or [])
-        self.id_domains = [d for d in self.domain_names if d not in self.ood_domains]
-        self.templates = list(templates or DEFAULT_TEMPLATES)
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.io = ModelIO()
+            raise ValueError(f"ood_domains {unknown} do not occur in the CSV files (domains: {self._domain_names})")
+        self._ood_domains = list(ood_domains or [])
+        self._templates = list(templates or DEFAULT_TEMPLATES)
         self.predict_split = "test" if test_csv else "val"
+        self.datasets: dict[str, CsvPairsDataset] = {}
 
-    def setup(self, stage: str | None = None) -> None:
-        """Take the transforms and tokenizer from the model being trained."""
-        if self.trainer is not None and self.trainer.lightning_module is not None:
-            self.io = ModelIO.from_model(self.trainer.lightning_module, build_augment(self.augment))
+    @property
+    def classnames(self) -> list[str]:
+        """Sorted class names found in the CSV files' class column."""
+        return self._classnames
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    @property
+    def templates(self) -> list[str]:
+        """Zero-shot prompt templates."""
+        return self._templates
+
+    @property
+    def domain_names(self) -> list[str]:
+        """Sorted domain names found in the CSV files (``default`` for rows without one)."""
+        return self._domain_names
+
+    @property
+    def id_domains(self) -> list[str]:
+        """Every domain not listed in ``ood_domains``."""
+        return [d for d in self._domain_names if d not in self._ood_domains]
+
+    @property
+    def ood_domains(self) -> list[str]:
+        """The domains named by ``ood_domains``."""
+        return list(self._ood_domains)
+
+    def split_dataset(self, split: str) -> CsvPairsDataset:
+        """The pairs of ``split``'s CSV file."""
         if split not in self.rows:
             raise ValueError(f"no {split}_csv was given to ImageTextDataModule")
-        label_of = {c: i for i, c in enumerate(self.classnames)}
-        domain_of = {d: i for i, d in enumerate(self.domain_names)}
-        dataset = CsvPairsDataset(
-            self.rows[split],
-            self.root,
-            label_of=label_of,
-            domain_of=domain_of,
-            label_column=self.class_column,
-            domain_column=self.domain_column,
-            transform=self.io.views(split),
-            **self.columns,
-        )
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=self.io.collate(split),
-            drop_last=shuffle and len(dataset) > self.batch_size,
-        )
+        if split not in self.datasets:
+            self.datasets[split] = CsvPairsDataset(
+                self.rows[split],
+                self.root,
+                label_of={c: i for i, c in enumerate(self._classnames)},
+                domain_of={d: i for i, d in enumerate(self._domain_names)},
+                label_column=self.class_column,
+                domain_column=self.domain_column,
+                **self.columns,
+            )
+        return self.datasets[split]

@@ -8,11 +8,12 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from distill import shapesworld as sw
-from distill.datamodules.common import AugmentPolicy, LoaderMixin, ModelIO, Views, build_augment, to_float_tensor
+from distill.datamodules.base import VisionLanguageDataModule
+from distill.datamodules.common import AugmentPolicy, sample_views
 
 ClassSplit = Literal["all", "base", "novel"]
 
@@ -33,9 +34,9 @@ def split_classes(names: Sequence[str], which: ClassSplit) -> list[int]:
 class ShapesWorldDataset(Dataset):
     """A fixed set of ShapesWorld items, balanced over domains and classes.
 
-    Item ``i`` has domain ``domains[i % len(domains)]`` and label
-    ``labels[(i // len(domains)) % len(labels)]``; everything else is drawn from
-    ``(seed, split, i)``, so the same index gives the same pixels in every process.
+    Item ``i`` takes its domain and label from :meth:`domain_and_label` (domains cycle fastest,
+    labels once per round of domains); everything else is drawn from ``(seed, split, i)``, so
+    the same index gives the same pixels in every process.
 
     Args:
         split: ``train``, ``val`` or ``test``.
@@ -88,27 +89,29 @@ class ShapesWorldDataset(Dataset):
     def __len__(self) -> int:
         return self.size
 
+    def domain_and_label(self, index: int) -> tuple[int, int]:
+        """Domain and label indices of item ``index`` (:func:`distill.shapesworld.domain_and_label`)."""
+        return sw.domain_and_label(index, self.domains, self.labels)
+
     def item(self, index: int) -> sw.ShapesItem:
         """The raw rendered item at ``index`` (uint8 pixels, caption, label, domain)."""
-        domain = self.domains[index % len(self.domains)]
-        label = self.labels[(index // len(self.domains)) % len(self.labels)]
+        domain, label = self.domain_and_label(index)
         return sw.render(index, domain=domain, label=label, **self.kwargs)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.split} split of {self.size} items")
-        domain = self.domains[index % len(self.domains)]
-        label = self.labels[(index // len(self.domains)) % len(self.labels)]
+        domain, label = self.domain_and_label(index)
         if self._images is not None:
             pixels, caption = self._images[index], self._captions[index]
         else:
             it = self.item(index)
             pixels, caption = it.image, it.caption
-        views = (self.transform or Views(to_float_tensor))(Image.fromarray(pixels))
+        views = sample_views(self.transform, Image.fromarray(pixels))
         return {**views, "caption": caption, "label": label, "domain": domain, "index": index}
 
 
-class ShapesWorldDataModule(LoaderMixin):
+class ShapesWorldDataModule(VisionLanguageDataModule):
     """ShapesWorld: a procedural, seeded image-text world with domains and class splits.
 
     The training split draws from ``train_domains`` only; validation and test cover the
@@ -158,9 +161,7 @@ class ShapesWorldDataModule(LoaderMixin):
         cache_images: bool = True,
         augment: AugmentPolicy = "none",
     ) -> None:
-        super().__init__()
-        build_augment(augment)  # fail on an unknown policy now, not at setup
-        self.augment = augment
+        super().__init__(batch_size, num_workers, augment)
         self.train_domain_names = self._check_domains(train_domains or list(sw.DOMAINS), "train_domains")
         default_ood = [d for d in sw.DOMAINS if d not in self.train_domain_names]
         self.ood_domain_names = self._check_domains(default_ood if ood_domains is None else ood_domains, "ood_domains")
@@ -176,8 +177,7 @@ class ShapesWorldDataModule(LoaderMixin):
             image_size=image_size, task=task, num_colours=num_colours, second_object_prob=second_object_prob, seed=seed
         )
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
-        self.batch_size, self.num_workers, self.cache_images = batch_size, num_workers, cache_images
-        self.io = ModelIO()
+        self.cache_images = cache_images
         self.datasets: dict[str, ShapesWorldDataset] = {}
 
     @staticmethod
@@ -218,36 +218,23 @@ class ShapesWorldDataModule(LoaderMixin):
         """Zero-shot prompt templates for ShapesWorld classes."""
         return list(sw.ZERO_SHOT_TEMPLATES)
 
-    # Lightning hooks ------------------------------------------------------------------------
+    # Splits -------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        """Render the splits the stage needs and take transforms/tokenizer from the model."""
-        if self.trainer is not None and self.trainer.lightning_module is not None:
-            self.io = ModelIO.from_model(self.trainer.lightning_module, build_augment(self.augment))
+        """Take transforms/tokenizer from the model and render the splits the stage needs."""
+        super().setup(stage)
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}
         for split in wanted.get(stage, ["train", "val", "test"]):
-            self.datasets[split] = self._make(split)
-        for split, ds in self.datasets.items():
-            ds.transform = self.io.views(split)
+            self.split_dataset(split)
 
-    def _make(self, split: str) -> ShapesWorldDataset:
-        if split in self.datasets:
-            return self.datasets[split]
-        names = self.train_domain_names if split == "train" else self.train_domain_names + self.ood_domain_names
-        labels = self.train_labels if split == "train" else self.eval_labels
-        domains = [sw.DOMAINS.index(d) for d in names]
-        return ShapesWorldDataset(
-            split, self.sizes[split], domains, labels, cache=self.cache_images, **self.world_kwargs
-        )
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def split_dataset(self, split: str) -> ShapesWorldDataset:
+        """The rendered items of ``split`` (rendered on first use)."""
+        if split not in self.sizes:
+            raise ValueError(f"unknown split {split!r}; ShapesWorld has {list(self.sizes)}")
         if split not in self.datasets:
-            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=self.io.collate(split),
-            drop_last=shuffle and len(self.datasets[split]) > self.batch_size,
-            persistent_workers=self.num_workers > 0,
-        )
+            names = self.train_domain_names if split == "train" else self.train_domain_names + self.ood_domain_names
+            labels = self.train_labels if split == "train" else self.eval_labels
+            domains = [sw.DOMAINS.index(d) for d in names]
+            self.datasets[split] = ShapesWorldDataset(
+                split, self.sizes[split], domains, labels, cache=self.cache_images, **self.world_kwargs
+            )
+        return self.datasets[split]

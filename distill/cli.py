@@ -1,37 +1,40 @@
 """The ``distill`` command: LightningCLI over distill's modules, datamodules and callbacks.
 
-    distill fit --config configs/demo/teacher.yaml
-    distill test --config configs/demo/teacher_eval.yaml
+    distill fit --config configs/demo/base.yaml --config configs/demo/teacher.yaml
+    distill test --config configs/demo/base.yaml --config configs/demo/teacher_eval.yaml
     distill fit --print_config          # every option, with defaults
     distill fit --model.help ContrastiveModule
-    distill export --config configs/distill/labels_only.yaml --config configs/distill/vl2v_adip.yaml \
-        --ckpt_path runs/distill/vl2v_adip/checkpoints/last.ckpt --output_dir runs/export/bundle
+    distill export --config configs/distill/base.yaml --config configs/distill/vl2v_adip.yaml \\
+        --ckpt_path runs/distill/vl2v_adip/final.ckpt --output_dir runs/export/bundle
 
-Models and datamodules are chosen with ``class_path`` (subclass mode); classes from
-``distill.modules``, ``distill.datamodules`` and ``distill.callbacks`` can be named bare.
+Models are subclasses of :class:`~distill.modules.VisionLanguageTask` and datamodules of
+:class:`~distill.datamodules.VisionLanguageDataModule`, chosen with ``class_path`` (subclass
+mode); classes from ``distill.modules``, ``distill.datamodules`` and ``distill.callbacks`` can
+be named bare. Values are derived instead of typed twice: without a ``trainer.logger`` the run
+logs to ``CSVLogger(save_dir=<trainer.default_root_dir>, name="logs")``, and the
+``total_steps`` of a ``OneCycleLR`` scheduler is linked to ``trainer.max_steps``.
 """
 
 from __future__ import annotations
 
-import pickle
 import sys
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 # Imported so that their classes can be named without a module path in configs.
-import distill.callbacks
-import distill.datamodules
-import distill.modules  # noqa: F401
-from distill.export.parity import ParityError
-from distill.export.pipeline import DEFAULT_QUANTIZE, Gates, eval_set_from_datamodule, export_bundle, load_checkpoint
-from distill.export.report import markdown_report
+import distill.callbacks  # noqa: F401
+from distill.datamodules import VisionLanguageDataModule
+from distill.export.command import Gates, Quantisation, run_export
+from distill.modules import VisionLanguageTask
 
 # Errors a user's config or files cause (bad model name, missing file, unknown domain...):
 # reported as one line before any training starts, not as a traceback.
-_USER_ERRORS = (ValueError, KeyError, FileNotFoundError)
+_USER_ERRORS = (ValueError, KeyError, FileNotFoundError, TypeError)
+_ONE_CYCLE = "torch.optim.lr_scheduler.OneCycleLR"
 
 
 class DistillTrainer(pl.Trainer):
@@ -39,22 +42,22 @@ class DistillTrainer(pl.Trainer):
 
     def export(
         self,
-        model: pl.LightningModule,
-        datamodule: pl.LightningDataModule | None = None,
+        model: VisionLanguageTask,
+        datamodule: VisionLanguageDataModule | None = None,
         ckpt_path: str | None = None,
         output_dir: str = "runs/export/bundle",
         opset: int = 20,
-        quantize: list[Literal["dynamic", "static"]] | None = None,
+        quantize: list[Quantisation] | None = None,
         bitsandbytes: list[int] | None = None,
-        fp32_max_abs_diff: float = 1e-4,
-        int8_max_top1_drop: float = 1.0,
-        allow_failed_int8: bool = False,
+        gates: Gates = Gates(),
         eval_split: Literal["train", "val", "test"] = "test",
         num_eval_images: int | None = 1024,
         num_calibration_images: int = 256,
         latency_repeats: int = 20,
     ) -> dict[str, Any]:
-        """Export the student to an edge bundle (ONNX fp32 + INT8), gated on parity with PyTorch.
+        """Export the trained network to an edge bundle (ONNX fp32 + INT8), gated on parity with PyTorch.
+
+        Needs the ``export`` extra (``pip install 'distill[export]'``).
 
         Args:
             model: the trained module (from the config; weights from ``ckpt_path``).
@@ -64,44 +67,26 @@ class DistillTrainer(pl.Trainer):
             opset: ONNX opset (asserted on the exported file).
             quantize: INT8 variants: ``dynamic`` and/or ``static`` (default both; [] for none).
             bitsandbytes: bit widths of PyTorch bitsandbytes students to report (default [8, 4]).
-            fp32_max_abs_diff: gate: ONNX fp32 vs PyTorch embedding max abs difference.
-            int8_max_top1_drop: gate: INT8 top-1 drop in points vs fp32, on ID and OOD.
-            allow_failed_int8: leave an INT8 variant that misses its gate out of the bundle
-                instead of failing.
+            gates: parity gate thresholds.
             eval_split: the split whose images check parity and accuracy.
             num_eval_images: images for the gates (evenly spaced over the split; None: all).
             num_calibration_images: training images calibrating static INT8.
             latency_repeats: timed repeats at batch 1 (a quarter of them at batch 32).
         """
-        if datamodule is None:
-            raise ValueError("distill export needs a datamodule (--data) for the parity gates and the class bank")
-        if ckpt_path is not None:
-            load_checkpoint(model, ckpt_path)
-        model = model.cpu().eval()
-        with torch.no_grad():
-            bank = model.class_bank(list(datamodule.classnames), list(datamodule.templates))
-        eval_set = eval_set_from_datamodule(datamodule, bank, eval_split, num_eval_images)
-        quantize = list(DEFAULT_QUANTIZE if quantize is None else quantize)
-        calibration = []
-        if "static" in quantize:
-            calibration = [s["image"] for s in datamodule.raw_samples("train", num_calibration_images)]
-        teacher = getattr(model, "teacher", None)
-        logit_scale = float(teacher.logit_scale) if teacher is not None else 100.0
-        report = export_bundle(
+        return run_export(
             model,
-            eval_set,
-            calibration,
+            datamodule,
+            ckpt_path,
             output_dir,
-            opset=opset,
-            quantize=quantize,
-            bitsandbytes=bitsandbytes,
-            logit_scale=logit_scale,
-            latency_repeats=latency_repeats,
-            gates=Gates(fp32_max_abs_diff, int8_max_top1_drop, allow_failed_int8),
+            opset,
+            quantize,
+            bitsandbytes,
+            gates,
+            eval_split,
+            num_eval_images,
+            num_calibration_images,
+            latency_repeats,
         )
-        print(markdown_report(report))
-        print(f"edge bundle written to {output_dir}")
-        return report
 
 
 class DistillCLI(LightningCLI):
@@ -111,31 +96,46 @@ class DistillCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint's hyperparameters before anything else runs: a file
-        # that is not a Lightning checkpoint must stop here with one line, not a traceback.
-        try:
-            super()._parse_ckpt_path()
-        except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError, ValueError) as err:
-            path = self.config[self.config.subcommand].get("ckpt_path")
-            print(
-                f"distill: error: {path} is not a distill checkpoint (unreadable as a weights-only torch "
-                f"checkpoint: {type(err).__name__})",
-                file=sys.stderr,
-            )
-            raise SystemExit(2) from err
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads a checkpoint's hyperparameters before anything else runs: a file
+        # that is not a readable torch checkpoint must stop here with one line, not a traceback.
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and path not in ("last", "best", "hpc", "registry"):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except FileNotFoundError:
+                pass  # Lightning names the missing file itself
+            except Exception as err:  # pickle, zip and format errors all mean "not a checkpoint"
+                print(
+                    f"distill: error: {path} is not a distill checkpoint (unreadable as a weights-only torch "
+                    f"checkpoint: {type(err).__name__})",
+                    file=sys.stderr,
+                )
+                raise SystemExit(2) from err
 
-    def _run_subcommand(self, subcommand: str) -> None:
-        try:
-            super()._run_subcommand(subcommand)
-        except ParityError as err:
-            print(f"distill: export failed a parity gate: {err}", file=sys.stderr)
-            raise SystemExit(1) from err
-        except _USER_ERRORS as err:
-            if subcommand != "export":
-                raise
-            print(f"distill: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from err
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Values that must agree are linked, not typed twice: a one-cycle schedule spans the run.
+        # (The link applies only when the model's lr_scheduler has a total_steps argument.)
+        parser.link_arguments("trainer.max_steps", "model.init_args.lr_scheduler.init_args.total_steps")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        # One run folder: logs go under default_root_dir unless a logger is configured.
+        if trainer.get("logger") in (None, True):
+            trainer.logger = Namespace(
+                class_path="lightning.pytorch.loggers.CSVLogger",
+                init_args=Namespace(save_dir=trainer.default_root_dir or ".", name="logs"),
+            )
+        # OneCycleLR's total_steps is linked to trainer.max_steps (add_arguments_to_parser).
+        scheduler = (config.model.get("init_args") or Namespace()).get("lr_scheduler")
+        is_one_cycle = isinstance(scheduler, Namespace) and scheduler.get("class_path") == _ONE_CYCLE
+        if is_one_cycle and (trainer.get("max_steps") or -1) < 1:
+            raise SystemExit(
+                _error("OneCycleLR runs for trainer.max_steps: set trainer.max_steps to a positive number")
+            )
 
     def instantiate_classes(self) -> None:
         try:
@@ -143,8 +143,12 @@ class DistillCLI(LightningCLI):
         except _USER_ERRORS as err:
             cause = _root_cause(err)
             message = cause.args[0] if isinstance(cause, KeyError) and cause.args else cause
-            print(f"distill: error: {message}", file=sys.stderr)
-            raise SystemExit(2) from err
+            raise SystemExit(_error(message)) from err
+
+
+def _error(message: object) -> int:
+    print(f"distill: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -157,8 +161,8 @@ def _root_cause(err: BaseException) -> BaseException:
 def main(args: list[str] | None = None) -> DistillCLI:
     """Run the ``distill`` command line (``args`` for programmatic and test use)."""
     return DistillCLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
+        VisionLanguageTask,
+        VisionLanguageDataModule,
         trainer_class=DistillTrainer,
         subclass_mode_model=True,
         subclass_mode_data=True,

@@ -13,8 +13,6 @@ import copy
 import difflib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +23,15 @@ import torch
 from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
 from torch import nn
 
+from distill.files import atomic_dir
+
 PathLike = str | os.PathLike
+
+# The small architectures this project trains and tests (the ShapesWorld demo teacher, the
+# open_clip dual-tower student, the tests' tiny model) are open_clip model configs shipped in
+# the package; registering the folder makes their names work wherever an open_clip name does.
+MODEL_CONFIG_DIR = Path(__file__).with_name("model_configs")
+open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
 @dataclass
@@ -224,17 +230,9 @@ def save_local_dir(model: nn.Module, model_config: dict, preprocess_config: dict
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as staging:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(staging / "open_clip_model.safetensors"))
         config = {"model_cfg": model_config, "preprocess_cfg": preprocess_config}
         (staging / "open_clip_config.json").write_text(json.dumps(config, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return folder

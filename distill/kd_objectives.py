@@ -11,12 +11,13 @@ whose ``forward(outputs)`` returns the unweighted scalar loss, combined with
 * ``teacher_logit_scale``: the teacher's exponentiated temperature;
 * ``class_bank`` (C, D): the teacher's zero-shot classifier; ``labels`` (N,) class indices.
 
-Families (REFERENCE section 1): feature mimicry (:class:`FeatureDistillation`), relational /
+Families of CLIP distillation: feature mimicry (:class:`FeatureDistillation`), relational /
 affinity KD (:class:`AffinityDistillation`, CLIP-KD's CRD, TinyCLIP's affinity mimicking),
 interactive contrastive (:class:`InteractiveContrastive`), logit KD on the class bank
 (:class:`LogitDistillation`), and the labelled task loss (:class:`LabelCrossEntropy`).
 The similarity losses (affinity, ICL, logit KD) compute through the similarity engine
-(``distill.cuda_ext``); ``backend`` picks its implementation.
+(``distill.cuda_ext``); ``backend`` picks its implementation. NaN/inf are checked once per step,
+on the loss, by ``weighted_sum`` (see ``distill.objectives``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.cuda_ext import infonce_loss, kd_loss
-from distill.objectives import Objective, _check_backend
+from distill.objectives import Objective, SimilarityObjective
 
 __all__ = [
     "AffinityDistillation",
@@ -96,7 +97,7 @@ class FeatureDistillation(Objective):
         return sum(terms) / len(terms)
 
 
-class AffinityDistillation(Objective):
+class AffinityDistillation(SimilarityObjective):
     """Relational KD: match the teacher's image-text similarity distributions (rows and columns).
 
     Teacher logits ``s_t * T_img @ T_txt.T``; student logits ``s * S_img @ S_txt.T`` (an
@@ -117,11 +118,10 @@ class AffinityDistillation(Objective):
     def __init__(
         self, weight: float = 1.0, temperature: float | None = None, name: str | None = None, backend: str = "auto"
     ) -> None:
-        super().__init__(weight=weight, name=name)
+        super().__init__(weight=weight, name=name, backend=backend)
         if temperature is not None and not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
-        self.backend = _check_backend(backend)
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         s_img, s_txt = self._get(outputs, "image_embeds"), _student_text(outputs, self)
@@ -131,10 +131,10 @@ class AffinityDistillation(Objective):
         else:
             s_scale = t_scale = 1.0 / self.temperature
         t_img, t_txt = t_img.to(s_img.dtype), t_txt.to(s_img.dtype)
-        return kd_loss(s_img, s_txt, t_img, t_txt, s_scale, t_scale, kind="kl", backend=self.backend)
+        return kd_loss(s_img, s_txt, t_img, t_txt, s_scale, t_scale, kind="kl", **self._engine())
 
 
-class InteractiveContrastive(Objective):
+class InteractiveContrastive(SimilarityObjective):
     """Interactive contrastive learning (ICL): the student's images against the teacher's texts.
 
     InfoNCE between student image embeddings and teacher caption embeddings, so the student
@@ -153,12 +153,11 @@ class InteractiveContrastive(Objective):
     def __init__(
         self, weight: float = 1.0, temperature: float | None = None, name: str | None = None, backend: str = "auto"
     ) -> None:
-        super().__init__(weight=weight, name=name)
+        super().__init__(weight=weight, name=name, backend=backend)
         self.temperature = temperature
-        self.backend = _check_backend(backend)
 
     def _info_nce(self, a: torch.Tensor, b: torch.Tensor, scale) -> torch.Tensor:
-        return infonce_loss(a, b.to(a.dtype), scale, backend=self.backend)
+        return infonce_loss(a, b.to(a.dtype), scale, **self._engine())
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         scale = 1.0 / self.temperature if self.temperature else self._get(outputs, "teacher_logit_scale")
@@ -170,7 +169,7 @@ class InteractiveContrastive(Objective):
         return loss
 
 
-class LogitDistillation(Objective):
+class LogitDistillation(SimilarityObjective):
     """Logit KD on the zero-shot classifier: temperature-scaled KL, times T squared (Hinton).
 
     Student logits ``s_t * S_img @ bank.T``, teacher logits ``s_t * T_img @ bank.T`` with
@@ -188,11 +187,10 @@ class LogitDistillation(Objective):
     def __init__(
         self, weight: float = 1.0, temperature: float = 2.0, name: str | None = None, backend: str = "auto"
     ) -> None:
-        super().__init__(weight=weight, name=name)
+        super().__init__(weight=weight, name=name, backend=backend)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
-        self.backend = _check_backend(backend)
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         bank, scale = self._get(outputs, "class_bank"), self._get(outputs, "teacher_logit_scale")
@@ -201,7 +199,7 @@ class LogitDistillation(Objective):
         # Row-only KD over the (N, C) class logits: the bank is both sides' "text".
         s = scale / self.temperature
         loss = kd_loss(
-            img, bank, teacher_img, bank.detach(), s, s, row_weight=1.0, col_weight=0.0, kind="kl", backend=self.backend
+            img, bank, teacher_img, bank.detach(), s, s, row_weight=1.0, col_weight=0.0, kind="kl", **self._engine()
         )
         return loss * self.temperature**2
 

@@ -10,19 +10,26 @@ single process (no cross-device feature gathering). InfoNCE and SigLIP compute
 through the similarity engine (``distill.cuda_ext``); their ``backend`` picks
 the implementation (``auto``: tiled/CUDA for large batches, the plain formula
 for small ones), with results equal within float tolerance.
+
+NaN/inf are checked once per step, on the loss, by ``weighted_sum``: a non-finite input makes
+the loss non-finite, and that one check (a single host sync for all terms) names the first
+failing term and the non-finite entries of ``outputs``. The objectives therefore leave the
+engine's own input check off (``check_finite=False``) and do no value check themselves; called
+outside ``weighted_sum``, an objective returns NaN for NaN inputs.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from distill.cuda_ext import BACKENDS, infonce_loss, siglip_loss
+from distill.cuda_ext import check_backend, infonce_loss, siglip_loss
 
-__all__ = ["DCL", "InfoNCE", "Objective", "SigLIP", "SoftTargetContrastive", "weighted_sum"]
+__all__ = ["DCL", "InfoNCE", "Objective", "SigLIP", "SimilarityObjective", "SoftTargetContrastive", "weighted_sum"]
 
 
 def _check_pair(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> None:
@@ -33,8 +40,8 @@ def _check_pair(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> None:
         text_embeds: (N, D) text embeddings; row i is the positive for image i.
 
     Raises:
-        ValueError: if either is not 2-D, the shapes differ, the batch is
-            empty, or either contains NaN/inf.
+        ValueError: if either is not 2-D, the shapes differ, or the batch is
+            empty. Values are not inspected (``weighted_sum`` checks the loss).
     """
     for key, t in (("image_embeds", image_embeds), ("text_embeds", text_embeds)):
         if t.dim() != 2:
@@ -45,9 +52,6 @@ def _check_pair(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> None:
         )
     if image_embeds.shape[0] == 0:
         raise ValueError("image_embeds and text_embeds are empty (N == 0)")
-    for key, t in (("image_embeds", image_embeds), ("text_embeds", text_embeds)):
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{key} contains non-finite values (NaN or inf)")
 
 
 class Objective(nn.Module):
@@ -94,10 +98,22 @@ class Objective(nn.Module):
         return img, txt, scale
 
 
-def _check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
+class SimilarityObjective(Objective):
+    """Base class of the objectives computed by the similarity engine (``distill.cuda_ext``).
+
+    Args:
+        weight: Multiplier applied by ``weighted_sum``.
+        name: Log key; defaults to the class's ``default_name``.
+        backend: Similarity engine backend: ``auto``, ``reference``, ``tiled`` or ``cuda``.
+    """
+
+    def __init__(self, weight: float = 1.0, name: str | None = None, backend: str = "auto") -> None:
+        super().__init__(weight=weight, name=name)
+        self.backend = check_backend(backend)
+
+    def _engine(self) -> dict[str, Any]:
+        """Keyword arguments of the engine's ops (no NaN/inf input check: see the module docstring)."""
+        return {"backend": self.backend, "check_finite": False}
 
 
 def _check_max_scale(max_logit_scale: float) -> float:
@@ -106,7 +122,7 @@ def _check_max_scale(max_logit_scale: float) -> float:
     return float(max_logit_scale)
 
 
-class InfoNCE(Objective):
+class InfoNCE(SimilarityObjective):
     """Symmetric CLIP contrastive loss (InfoNCE) with in-batch negatives.
 
     logits = min(logit_scale, max_logit_scale) * image_embeds @ text_embeds.T,
@@ -125,16 +141,15 @@ class InfoNCE(Objective):
     def __init__(
         self, weight: float = 1.0, max_logit_scale: float = 100.0, name: str | None = None, backend: str = "auto"
     ) -> None:
-        super().__init__(weight=weight, name=name)
+        super().__init__(weight=weight, name=name, backend=backend)
         self.max_logit_scale = _check_max_scale(max_logit_scale)
-        self.backend = _check_backend(backend)
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         img, txt, scale = self._pair_and_scale(outputs, self.max_logit_scale)
-        return infonce_loss(img, txt, scale, backend=self.backend)
+        return infonce_loss(img, txt, scale, **self._engine())
 
 
-class SigLIP(Objective):
+class SigLIP(SimilarityObjective):
     """Pairwise sigmoid loss (SigLIP).
 
     logits = logit_scale * image_embeds @ text_embeds.T + logit_bias, shape
@@ -150,8 +165,7 @@ class SigLIP(Objective):
     default_name = "siglip"
 
     def __init__(self, weight: float = 1.0, name: str | None = None, backend: str = "auto") -> None:
-        super().__init__(weight=weight, name=name)
-        self.backend = _check_backend(backend)
+        super().__init__(weight=weight, name=name, backend=backend)
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         bias = self._get(outputs, "logit_bias", hint="build the model with init_logit_bias, e.g. -10")
@@ -159,7 +173,7 @@ class SigLIP(Objective):
         bias = torch.as_tensor(bias, dtype=img.dtype, device=img.device)
         if bias.numel() != 1:
             raise ValueError(f"logit_bias must be a scalar, got shape {tuple(bias.shape)}")
-        return siglip_loss(img, txt, scale, bias.reshape(()), backend=self.backend)
+        return siglip_loss(img, txt, scale, bias.reshape(()), **self._engine())
 
 
 class DCL(Objective):
@@ -256,22 +270,41 @@ def weighted_sum(
 
     Raises:
         ValueError: if ``objectives`` is empty or two share a name.
-        FloatingPointError: if a term is NaN or inf, naming the objective.
+        FloatingPointError: if a term is NaN or inf, naming the first such objective and the
+            non-finite tensors of ``outputs``.
     """
     if len(objectives) == 0:
         raise ValueError("weighted_sum needs at least one objective")
     total: torch.Tensor | None = None
-    terms: dict[str, torch.Tensor] = {}
+    losses: dict[str, torch.Tensor] = {}
     for obj in objectives:
         name = obj.name
-        if name in terms:
+        if name in losses:
             raise ValueError(f"two objectives share the name '{name}'; pass name=... to tell them apart")
-        loss = obj(outputs)
-        if not bool(torch.isfinite(loss).all()):
-            kind = "nan" if bool(torch.isnan(loss).any()) else "inf"
-            raise FloatingPointError(f"loss term '{name}' is {kind}")
-        terms[name] = loss.detach()
+        losses[name] = loss = obj(outputs)
         term = obj.weight * loss
         total = term if total is None else total + term
     assert total is not None
-    return total, terms
+    # The one NaN/inf check of a step, and its only host sync: the objectives and the similarity
+    # engine skip theirs (check_finite=False), since a non-finite input gives a non-finite loss.
+    # A finite weight times a non-finite loss is non-finite (0 * inf is nan) and so is any sum
+    # holding one, so checking the total checks every term; which term and which input failed
+    # is worked out only on the error path.
+    if not bool(torch.isfinite(total).all()):
+        raise _non_finite_error(losses, outputs)
+    return total, {name: loss.detach() for name, loss in losses.items()}
+
+
+def _non_finite_error(losses: Mapping[str, torch.Tensor], outputs: Mapping[str, object]) -> FloatingPointError:
+    """The error for a non-finite total: the first non-finite term and the non-finite inputs."""
+    inputs = [
+        key
+        for key, value in outputs.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+    detail = f" (non-finite values in outputs {inputs})" if inputs else ""
+    for name, loss in losses.items():
+        if not bool(torch.isfinite(loss).all()):
+            kind = "nan" if bool(torch.isnan(loss).any()) else "inf"
+            return FloatingPointError(f"loss term '{name}' is {kind}{detail}")
+    return FloatingPointError(f"the weighted sum of finite loss terms is not finite (check the weights){detail}")

@@ -12,12 +12,18 @@ some domains and evaluated on the others measures out-of-distribution (OOD) accu
 
 from __future__ import annotations
 
+import csv
 import hashlib
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageFilter
+
+from distill._shapes_geometry import _mask, _outline, _place, _sketch_mask, _stroke_mask
+from distill.files import atomic_write
 
 # Words live in shapesworld_text; ZERO_SHOT_TEMPLATES is part of this module's public API.
 from distill.shapesworld_text import ZERO_SHOT_TEMPLATES as ZERO_SHOT_TEMPLATES
@@ -108,102 +114,24 @@ def class_names(task: str = "shape", num_colours: int = len(COLOURS)) -> list[st
     raise ValueError(f"unknown ShapesWorld task {task!r}; choose one of {TASKS}")
 
 
+_D = TypeVar("_D")
+_L = TypeVar("_L")
+
+
+def domain_and_label(index: int, domains: Sequence[_D], labels: Sequence[_L]) -> tuple[_D, _L]:
+    """The domain and label of item ``index`` in a set balanced over domains and labels.
+
+    Items cycle through the domains fastest and through the labels once per round of domains:
+    item ``i`` gets ``domains[i % len(domains)]`` and ``labels[(i // len(domains)) % len(labels)]``,
+    so any ``len(domains) * len(labels)`` consecutive items hold every (domain, label) pair once.
+    """
+    return domains[index % len(domains)], labels[(index // len(domains)) % len(labels)]
+
+
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
     # A stable hash (not Python's salted hash()) so every process draws the same numbers.
     digest = hashlib.blake2b(f"{seed}/{split}/{index}".encode(), digest_size=8).digest()
     return np.random.default_rng(int.from_bytes(digest, "little"))
-
-
-def _regular_polygon(n: int, phase: float) -> np.ndarray:
-    angles = phase + np.arange(n) * 2 * math.pi / n
-    return np.stack([np.cos(angles), np.sin(angles)], 1)
-
-
-def _outline(shape: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Unit-radius outline of a shape (and of its hole, if any), y pointing down."""
-    up = -math.pi / 2
-    if shape == "circle":
-        return _regular_polygon(64, 0.0), None
-    if shape == "square":
-        return _regular_polygon(4, math.pi / 4) * 0.95, None
-    if shape == "triangle":
-        return _regular_polygon(3, up) * 1.05 + [0, 0.2], None
-    if shape == "pentagon":
-        return _regular_polygon(5, up), None
-    if shape == "hexagon":
-        return _regular_polygon(6, 0.0), None
-    if shape == "diamond":
-        return _regular_polygon(4, up) * [0.7, 1.0], None
-    if shape == "star":
-        outer, inner = _regular_polygon(5, up), _regular_polygon(5, up + math.pi / 5) * 0.42
-        return np.stack([outer, inner], 1).reshape(-1, 2), None
-    if shape == "cross":
-        a, b = 0.32, 0.95
-        return np.array(
-            [[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a], [a, b], [-a, b], [-a, a], [-b, a], [-b, -a], [-a, -a]]
-        ), None
-    if shape == "heart":
-        t = np.linspace(0, 2 * math.pi, 64, endpoint=False)
-        x = 16 * np.sin(t) ** 3
-        y = 13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)
-        return np.stack([x, -y - 2], 1) / 16.5, None
-    if shape == "ring":
-        return _regular_polygon(64, 0.0), _regular_polygon(64, 0.0) * 0.55
-    if shape == "crescent":
-        return _regular_polygon(64, 0.0), _regular_polygon(64, 0.0) * 0.85 + [0.45, -0.1]
-    if shape == "arrow":
-        return np.array(
-            [[-0.95, -0.25], [0.15, -0.25], [0.15, -0.65], [0.95, 0.0], [0.15, 0.65], [0.15, 0.25], [-0.95, 0.25]]
-        ), None
-    if shape == "ellipse":
-        return _regular_polygon(64, 0.0) * [1.0, 0.55], None
-    if shape == "semicircle":
-        t = np.linspace(math.pi, 2 * math.pi, 33)
-        return np.stack([np.cos(t), np.sin(t) + 0.45], 1), None
-    if shape == "trapezoid":
-        return np.array([[-0.5, -0.6], [0.5, -0.6], [1.0, 0.6], [-1.0, 0.6]]), None
-    if shape == "bolt":
-        return np.array(
-            [[0.15, -1.0], [-0.55, 0.1], [-0.05, 0.1], [-0.3, 1.0], [0.6, -0.2], [0.05, -0.2], [0.35, -1.0]]
-        ), None
-    raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
-
-
-def _place(points: np.ndarray, centre: np.ndarray, radius: float, angle: float) -> np.ndarray:
-    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-    return points @ rot.T * radius + centre
-
-
-def _mask(outer: np.ndarray, hole: np.ndarray | None, size: int, scale: int) -> np.ndarray:
-    """Anti-aliased (size, size) float mask, drawn at ``scale`` x resolution then reduced."""
-    canvas = Image.new("L", (size * scale, size * scale), 0)
-    draw = ImageDraw.Draw(canvas)
-    draw.polygon([tuple(p) for p in outer * scale], fill=255)
-    if hole is not None:
-        draw.polygon([tuple(p) for p in hole * scale], fill=0)
-    if scale > 1:
-        canvas = canvas.resize((size, size), Image.Resampling.BOX)
-    return np.asarray(canvas, dtype=np.float32) / 255.0
-
-
-def _stroke_mask(mask: np.ndarray, width: int) -> np.ndarray:
-    """Band of ``width`` pixels along the inside of a mask's boundary (outline style)."""
-    img = Image.fromarray((mask * 255).astype(np.uint8))
-    eroded = np.asarray(img.filter(ImageFilter.MinFilter(2 * width + 1)), dtype=np.float32) / 255
-    return np.clip(mask - eroded, 0, 1)
-
-
-def _sketch_mask(outer: np.ndarray, hole: np.ndarray | None, size: int, rng) -> np.ndarray:
-    """Two passes of jittered, thin strokes along the shape's boundary (hand-drawn style)."""
-    strokes = np.zeros((size, size), np.float32)
-    for _ in range(2):
-
-        def jitter(c: np.ndarray | None) -> np.ndarray | None:
-            return None if c is None else c + rng.normal(0, size * 0.012, c.shape)
-
-        filled = _mask(jitter(outer), jitter(hole), size, scale=2)
-        strokes = np.maximum(strokes, _stroke_mask(filled, width=1))
-    return strokes
 
 
 def _background(domain: str, size: int, rng) -> np.ndarray:
@@ -349,8 +277,8 @@ def write_image_folder(
 
     Files go to ``<root>/<split>/<domain>/<index>.png``; ``<root>/<split>.csv`` has the columns
     ``filepath`` (relative to root), ``caption``, ``label``, ``classname``, ``domain``. Items
-    cycle through the domains and classes like ``ShapesWorldDataModule`` does. The CSV is written
-    last, through a temporary file, so a half-written export never looks complete.
+    cycle through the domains and classes like ``ShapesWorldDataModule``'s (:func:`domain_and_label`).
+    The CSV is written last, atomically, so a half-written export never looks complete.
 
     Args:
         root: output folder.
@@ -366,11 +294,6 @@ def write_image_folder(
     Returns:
         Path of the CSV file.
     """
-    import csv
-    import os
-    import tempfile
-    from pathlib import Path
-
     names = domains or list(DOMAINS)
     unknown = [d for d in names if d not in DOMAINS]
     if unknown:
@@ -379,8 +302,7 @@ def write_image_folder(
     out = Path(root)
     rows = []
     for i in range(num_items):
-        domain_name = names[i % len(names)]
-        label = (i // len(names)) % len(classes)
+        domain_name, label = domain_and_label(i, names, range(len(classes)))
         item = render(
             i,
             seed=seed,
@@ -404,12 +326,10 @@ def write_image_folder(
                 "domain": domain_name,
             }
         )
-    fd, tmp = tempfile.mkstemp(prefix=f".{split}.csv.", dir=out)
-    with os.fdopen(fd, "w", newline="") as handle:
+    with atomic_write(out / f"{split}.csv", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["filepath"])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, out / f"{split}.csv")
     return str(out / f"{split}.csv")
 
 

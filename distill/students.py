@@ -17,15 +17,17 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+from collections.abc import Callable
 from typing import Any, Literal
 
+import open_clip
 import timm
 import torch
 import torch.nn.functional as F
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
-from distill.clip_models import build_clip, load_model_config
+from distill.clip_models import build_clip, check_model_name, load_model_config
 
 
 def check_timm_name(model_name: str) -> str:
@@ -37,7 +39,52 @@ def check_timm_name(model_name: str) -> str:
     raise ValueError(f"unknown timm model name {model_name!r}{hint}")
 
 
-class TimmStudent(nn.Module):
+class Student(nn.Module):
+    """What every student offers the distillation module (subclass it for a student of your own).
+
+    Attributes set in ``__init__``: ``embed_dim`` (the teacher's width D), ``preprocess_train``
+    and ``preprocess_val`` (PIL image -> (3, H, W) tensor), ``tokenizer`` (None for an
+    image-only student). A dual-tower student sets ``has_text_tower`` and implements
+    ``encode_text``.
+
+    Args:
+        embed_dim: output width D; set from the teacher by the distillation module.
+    """
+
+    #: Whether the student embeds captions with a text tower of its own.
+    has_text_tower: bool = False
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.preprocess_train: Callable | None = None
+        self.preprocess_val: Callable | None = None
+        self.tokenizer: Callable[[list[str]], torch.Tensor] | None = None
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, embed_dim) embeddings in the teacher's space."""
+        raise NotImplementedError(f"{type(self).__name__} must implement encode_image")
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(M, L) token ids -> (M, embed_dim); dual-tower students only."""
+        raise NotImplementedError(f"{type(self).__name__} has no text tower")
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """A dual-tower student's own temperature (exponentiated)."""
+        raise NotImplementedError(f"{type(self).__name__} has no temperature of its own")
+
+    @property
+    def image_size(self) -> int:
+        """Input resolution (square side) of the image tower."""
+        raise NotImplementedError(f"{type(self).__name__} must define image_size")
+
+    def image_tower_params(self) -> int:
+        """Parameters of the image tower."""
+        return sum(p.numel() for p in self.parameters())
+
+
+class TimmStudent(Student):
     """A timm image tower with a projection into the teacher's embedding space.
 
     Args:
@@ -59,7 +106,7 @@ class TimmStudent(nn.Module):
         projection: Literal["linear", "mlp"] = "linear",
         drop_rate: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__(embed_dim)
         check_timm_name(model_name)
         if pretrained is not None and not os.path.isfile(pretrained):
             raise FileNotFoundError(f"timm weights file not found: {pretrained}")
@@ -75,7 +122,6 @@ class TimmStudent(nn.Module):
             self.proj = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, embed_dim))
         else:
             raise ValueError(f"projection must be 'linear' or 'mlp', got {projection!r}")
-        self.embed_dim = embed_dim
         data_cfg = resolve_data_config({}, model=self.trunk)
         if image_size is not None:
             data_cfg["input_size"] = (3, image_size, image_size)
@@ -95,12 +141,13 @@ class TimmStudent(nn.Module):
         out = self.proj(self.forward_features(images))
         return F.normalize(out, dim=-1) if normalize else out
 
-    def image_tower_params(self) -> int:
-        """Parameters of the image tower (trunk and projection)."""
-        return sum(p.numel() for p in self.parameters())
+    @property
+    def image_size(self) -> int:
+        """Input resolution of the trunk."""
+        return int(self.data_config["input_size"][-1])
 
 
-class OpenClipStudent(nn.Module):
+class OpenClipStudent(Student):
     """A small open_clip dual tower (image and text) distilled from a bigger one.
 
     Args:
@@ -108,10 +155,32 @@ class OpenClipStudent(nn.Module):
             config's ``embed_dim`` is overridden with it.
         model_config: open_clip model config (dict or JSON path); its ``embed_dim`` may be omitted.
         aug_cfg: open_clip training augmentation (None: no augmentation, see ``TimmStudent``).
+        model_name: an open_clip architecture name instead of ``model_config``, e.g. the
+            registered ``shapes-rn-student``; its config is used, the weights start random.
     """
 
-    def __init__(self, embed_dim: int, model_config: dict | str, aug_cfg: dict | None = None) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        embed_dim: int,
+        model_config: dict | str | None = None,
+        aug_cfg: dict | None = None,
+        model_name: str | None = None,
+    ) -> None:
+        super().__init__(embed_dim)
+        if model_name is None and model_config is None:
+            raise ValueError("OpenClipStudent needs model_name (an open_clip name) or model_config")
+        if model_name is not None and model_config is not None:
+            raise ValueError(
+                f"OpenClipStudent got both model_name {model_name!r} and model_config: give one (a config that "
+                "switches the student class keeps the earlier student's model_name unless it sets its own)"
+            )
+        if model_name is not None:
+            if ":" in model_name:
+                raise ValueError(
+                    f"OpenClipStudent model_name {model_name!r}: give an architecture name (a student starts "
+                    "from random weights), not a local-dir or hub folder"
+                )
+            model_config = open_clip.get_model_config(check_model_name(model_name))
         cfg = copy.deepcopy(model_config) if isinstance(model_config, dict) else load_model_config(model_config)
         cfg = dict(cfg.get("model_cfg", cfg))
         cfg["embed_dim"] = embed_dim
@@ -121,7 +190,14 @@ class OpenClipStudent(nn.Module):
         self.preprocess_val = bundle.preprocess_val
         self.preprocess_train = bundle.preprocess_train if aug_cfg is not None else bundle.preprocess_val
         self.model_config, self.preprocess_config = bundle.model_config, bundle.preprocess_config
-        self.embed_dim = embed_dim
+
+    has_text_tower = True
+
+    @property
+    def image_size(self) -> int:
+        """Input resolution of the image tower."""
+        size = self.preprocess_config["size"]
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
 
     @property
     def logit_scale(self) -> torch.Tensor:

@@ -182,3 +182,28 @@ def domain_accuracies(
             if values:
                 results[f"{group}_top{k}"] = sum(values) / len(values)
     return results
+
+
+def retrieval_recall(images: torch.Tensor, texts: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Image->text and text->image Recall@k of paired embeddings (row i of each is a pair).
+
+    Ranks with the similarity engine's fused top-k, so no (N, N) matrix is formed.
+
+    Args:
+        images: (N, D) L2-normalised image embeddings.
+        texts: (N, D) L2-normalised caption embeddings, ``texts[i]`` describing ``images[i]``.
+        ks: the k values.
+
+    Returns:
+        ``{"i2t_r<k>": ..., "t2i_r<k>": ...}`` as fractions in [0, 1].
+    """
+    n = images.shape[0]
+    k_max = min(max(ks), n)
+    paired = torch.arange(n, device=images.device)[:, None]
+    out = {}
+    for name, queries, keys in (("i2t", images, texts), ("t2i", texts, images)):
+        _, top = similarity_topk(queries.float(), keys.float(), k_max)
+        hits = top == paired
+        for k in ks:
+            out[f"{name}_r{k}"] = hits[:, : min(k, k_max)].any(dim=1).float().mean().item()
+    return out

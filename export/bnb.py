@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 
-def _bnb():
+def load_bitsandbytes():
+    """Import bitsandbytes (the ``export`` extra) quietly."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "optional `kernels` package missing": it would use a hub
         import bitsandbytes as bnb
@@ -25,7 +26,7 @@ def _bnb():
 
 
 def _quantised_linear(linear: nn.Linear, bits: Literal[8, 4]) -> nn.Module:
-    bnb = _bnb()
+    bnb = load_bitsandbytes()
     weight = linear.weight.detach().float().clone()
     if bits == 8:
         layer = bnb.nn.Linear8bitLt(

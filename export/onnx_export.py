@@ -42,19 +42,6 @@ class TextEncoder(nn.Module):
         return self.model.encode_text(tokens, normalize=True)
 
 
-def exported_model(module: nn.Module) -> nn.Module:
-    """The network inside a LightningModule that is exported: the student, else the model.
-
-    Raises:
-        TypeError: when the module has neither a ``student`` nor an open_clip ``model``.
-    """
-    for name in ("student", "model"):
-        inner = getattr(module, name, None)
-        if isinstance(inner, nn.Module) and hasattr(inner, "encode_image"):
-            return inner
-    raise TypeError(f"{type(module).__name__} has no student (or model) with encode_image to export")
-
-
 def opset_of(model: onnx.ModelProto) -> int:
     """The default-domain opset an ONNX model was written with."""
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))

@@ -10,18 +10,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from distill.export import runtime
 from distill.export.bnb import quantise_linears, serialized_bytes
-from distill.export.onnx_export import ImageEncoder, TextEncoder, export_onnx, exported_model
+from distill.export.command import DEFAULT_QUANTIZE, Gates, Quantisation
+from distill.export.onnx_export import ImageEncoder, TextEncoder, export_onnx
 from distill.export.parity import (
     EvalSet,
     ParityError,
@@ -36,26 +35,8 @@ from distill.export.preprocess_spec import preprocess_spec
 from distill.export.quantize import op_report, quantize_int8_dynamic, quantize_int8_static
 from distill.export.report import markdown_report
 from distill.export.runtime import open_session as session
-from distill.files import atomic_write_json
-
-Quantisation = Literal["dynamic", "static"]
-DEFAULT_QUANTIZE: tuple[Quantisation, ...] = ("dynamic", "static")
-
-
-@dataclass
-class Gates:
-    """Parity gate thresholds.
-
-    Attributes:
-        fp32_max_abs_diff: max abs difference of ONNX fp32 vs PyTorch embeddings.
-        int8_max_top1_drop: max drop of INT8 top-1 (points) vs ONNX fp32, on ID and on OOD.
-        allow_failed_int8: drop an INT8 variant that misses its gate from the bundle (and say
-            so in the report) instead of failing the export.
-    """
-
-    fp32_max_abs_diff: float = 1e-4
-    int8_max_top1_drop: float = 1.0
-    allow_failed_int8: bool = False
+from distill.files import atomic_write_json, make_temp_dir, publish_dir
+from distill.modules.base import VisionLanguageTask
 
 
 def check_output_dir(output_dir: str | Path) -> Path:
@@ -73,17 +54,6 @@ def check_output_dir(output_dir: str | Path) -> Path:
     return out
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Replace ``out`` with ``tmp`` (a rename on the same file system)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _mib(path: Path | int) -> float:
     return (path if isinstance(path, int) else path.stat().st_size) / 2**20
 
@@ -97,7 +67,7 @@ def _latencies(run_batch, images: np.ndarray, repeats: int) -> dict[str, float]:
 
 
 def export_bundle(
-    model: nn.Module,
+    task: VisionLanguageTask,
     eval_set: EvalSet,
     calibration: list,
     output_dir: str | Path,
@@ -105,14 +75,14 @@ def export_bundle(
     quantize: list[Quantisation] | None = None,
     bitsandbytes: list[int] | None = None,
     gates: Gates | None = None,
-    logit_scale: float = 100.0,
     latency_repeats: int = 20,
 ) -> dict[str, Any]:
-    """Export ``model``'s student, gate every variant on ``eval_set`` and write the bundle.
+    """Export ``task``'s network, gate every variant on ``eval_set`` and write the bundle.
 
     Args:
-        model: a trained LightningModule (or any module) with a ``student`` or ``model`` that has
-            ``encode_image`` (and ``encode_text`` for dual towers) and ``preprocess_val``.
+        task: a trained distill module: its ``export_network()`` is exported (image tower, and
+            the text tower when ``has_text_tower``), preprocessed by its ``preprocess_val``, with
+            its ``tokenizer`` and ``logit_scale`` (the runner's softmax temperature).
         eval_set: task images (ID and OOD) and the class bank for the gates and the report.
         calibration: PIL images for static INT8 calibration.
         output_dir: the bundle folder (replaced atomically when the export succeeds).
@@ -120,7 +90,6 @@ def export_bundle(
         quantize: INT8 variants to make (default: dynamic and static).
         bitsandbytes: bit widths of PyTorch bitsandbytes students to report (default 8 and 4).
         gates: parity thresholds.
-        logit_scale: softmax temperature the runner uses for probabilities.
         latency_repeats: timed repeats at batch 1 (a quarter of them at batch 32).
 
     Returns:
@@ -133,8 +102,9 @@ def export_bundle(
     quantize = list(DEFAULT_QUANTIZE if quantize is None else quantize)
     bitsandbytes = [8, 4] if bitsandbytes is None else list(bitsandbytes)
     out = check_output_dir(output_dir)
-    network = exported_model(model).eval()
-    transform = getattr(model, "preprocess_val", None) or network.preprocess_val
+    network = task.export_network().eval()
+    transform = task.preprocess_val
+    logit_scale = float(task.logit_scale)
     spec = preprocess_spec(transform)
     image_encoder = ImageEncoder(network).eval()
     torch_in = torch_inputs(eval_set.images, transform)
@@ -168,7 +138,7 @@ def export_bundle(
             **_latencies(lambda x, e=encoder: e(torch.from_numpy(x)), runner_in, latency_repeats),
         }
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = make_temp_dir(out)  # honours the umask (a mkdtemp folder would be 0700)
     try:
         image_models = _export_images(
             image_encoder,
@@ -185,7 +155,9 @@ def export_bundle(
             report,
             latency_repeats,
         )
-        text_file = _export_text(network, eval_set, tmp, opset, gates, report)
+        text_file = (
+            _export_text(network, task.tokenizer, eval_set, tmp, opset, gates, report) if task.has_text_tower else None
+        )
         if report["failures"]:
             raise ParityError("; ".join(report["failures"]))
         fastest = min(image_models, key=lambda name: variants[f"onnx_{name}"]["latency_ms_b1"])
@@ -209,7 +181,7 @@ def export_bundle(
         shutil.copyfile(runtime.__file__, tmp / "run.py")
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(markdown_report(report))
-        _publish(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if report["failures"]:
@@ -289,11 +261,8 @@ def _gate(name: str, row: dict, fp32_row: dict | None, gates: Gates) -> str | No
     return None
 
 
-def _export_text(network, eval_set: EvalSet, tmp: Path, opset: int, gates: Gates, report) -> str | None:
-    """Export and gate the text tower of a dual-tower student. Returns its file name."""
-    tokenizer = getattr(network, "tokenizer", None)
-    if not hasattr(network, "encode_text") or tokenizer is None:
-        return None
+def _export_text(network, tokenizer, eval_set: EvalSet, tmp: Path, opset: int, gates: Gates, report) -> str:
+    """Export and gate the text tower of a dual-tower network. Returns its file name."""
     prompts = [f"a photo of a {name}." for name in eval_set.classnames]
     tokens = tokenizer(prompts if len(prompts) >= 2 else prompts * 2)
     encoder = TextEncoder(network).eval()
@@ -313,63 +282,3 @@ def _export_text(network, eval_set: EvalSet, tmp: Path, opset: int, gates: Gates
             f"text fp32: max abs diff {parity['max_abs_diff']:.2e} exceeds {gates.fp32_max_abs_diff:.0e}"
         )
     return path.name
-
-
-def eval_set_from_datamodule(
-    datamodule: Any, class_bank: torch.Tensor, split: str = "test", limit: int | None = None
-) -> EvalSet:
-    """Task images of a distill datamodule's split, with its domains and class list.
-
-    Args:
-        datamodule: a distill datamodule (``raw_samples``, ``classnames``, ``domain_names``,
-            ``id_domains``, ``ood_domains``, optionally ``eval_class_indices``).
-        class_bank: (C, D) class text embeddings for ``datamodule.classnames``.
-        split: ``train``, ``val`` or ``test``.
-        limit: at most this many images, evenly spaced over the split (all when None).
-    """
-    samples = datamodule.raw_samples(split, limit)
-    if not samples:
-        raise ValueError(f"the datamodule's {split} split has no images to check the export on")
-    classnames = list(datamodule.classnames)
-    if class_bank.shape[0] != len(classnames):
-        raise ValueError(f"class bank has {class_bank.shape[0]} rows for {len(classnames)} class names")
-    return EvalSet(
-        images=[s["image"] for s in samples],
-        labels=np.array([s["label"] for s in samples]),
-        domains=np.array([s["domain"] for s in samples]),
-        domain_names=list(datamodule.domain_names),
-        id_domains=list(datamodule.id_domains),
-        ood_domains=list(datamodule.ood_domains),
-        class_bank=class_bank.detach().float().cpu().numpy(),
-        classnames=classnames,
-        eval_classes=getattr(datamodule, "eval_class_indices", None) or list(range(len(classnames))),
-    )
-
-
-def load_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Load a distill training checkpoint's weights into ``model``, or fail clearly.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: the file is not a distill checkpoint of this model (unreadable with
-            ``weights_only=True``, no ``state_dict``, written by another module, or weights that
-            do not match).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and format errors all mean "not ours"
-        raise ValueError(
-            f"{path} is not a distill checkpoint (unreadable as a weights-only torch file: {type(err).__name__})"
-        ) from err
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise ValueError(f"{path} is not a distill checkpoint: it has no 'state_dict'")
-    written_by = (checkpoint.get("distill") or {}).get("module")
-    if written_by is not None and written_by != type(model).__name__:
-        raise ValueError(f"{path} was written by {written_by}, not {type(model).__name__}: use its config")
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as err:
-        raise ValueError(f"{path} does not match {type(model).__name__}: {str(err).splitlines()[0]}") from err

@@ -86,7 +86,8 @@ class ImageCalibrationReader(CalibrationDataReader):
 def _prepared(fp32_path: str | Path, folder: str) -> str:
     """The fp32 graph after onnxruntime's pre-quantisation pass (shape inference, folding)."""
     prepared = os.path.join(folder, "prepared.onnx")
-    # Dynamo-exported graphs carry shapes symbolic inference cannot handle (REFERENCE 5).
+    # Dynamo-exported graphs carry shapes that onnxruntime's symbolic shape inference cannot
+    # handle, so only its ONNX shape inference and folding run (skip_symbolic_shape).
     quant_pre_process(str(fp32_path), prepared, skip_symbolic_shape=True)
     return prepared
 

@@ -6,19 +6,17 @@ import math
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-import distill
 from distill.clip_models import build_clip, save_local_dir
-from distill.modules._optim import configure_optimizers
+from distill.modules.base import VisionLanguageTask
 from distill.objectives import InfoNCE, SigLIP, SoftTargetContrastive, weighted_sum
 from distill.teachers import OPEN_CLIP_CKPT_KEY
 
 
-class ContrastiveModule(pl.LightningModule):
+class ContrastiveModule(VisionLanguageTask):
     """Train an open_clip model (image and text towers) with contrastive objectives.
 
     The model comes from an open_clip name (any architecture open_clip knows, random or with
@@ -56,7 +54,7 @@ class ContrastiveModule(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         export_dir: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["objectives", "optimizer", "lr_scheduler"])
         self.objectives = nn.ModuleList(objectives if objectives is not None else [InfoNCE()])
         if not len(self.objectives):
@@ -80,12 +78,23 @@ class ContrastiveModule(pl.LightningModule):
         self.preprocess_train = bundle.preprocess_train
         self.preprocess_val = bundle.preprocess_val
         self.open_clip_config = {"model_cfg": bundle.model_config, "preprocess_cfg": bundle.preprocess_config}
-        self.optimizer = optimizer
-        self.lr_scheduler = lr_scheduler
         self.max_log_scale = math.log(max_logit_scale)
         self.export_dir = export_dir
 
-    # The encoders evaluation callbacks use -----------------------------------------------
+    # The base task's surface --------------------------------------------------------------
+    @property
+    def has_text_tower(self) -> bool:
+        return True
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """The learned temperature, exponentiated (a scalar tensor)."""
+        return self.model.logit_scale.exp()
+
+    def export_network(self) -> nn.Module:
+        """The open_clip model (both towers)."""
+        return self.model
+
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(N, 3, H, W) images -> (N, D) embeddings."""
         return self.model.encode_image(images, normalize=normalize)
@@ -99,7 +108,7 @@ class ContrastiveModule(pl.LightningModule):
         outputs = {
             "image_embeds": self.encode_image(images),
             "text_embeds": self.encode_text(tokens),
-            "logit_scale": self.model.logit_scale.exp(),
+            "logit_scale": self.logit_scale,
         }
         if getattr(self.model, "logit_bias", None) is not None:
             outputs["logit_bias"] = self.model.logit_bias
@@ -125,38 +134,24 @@ class ContrastiveModule(pl.LightningModule):
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, self.max_log_scale)
 
-    def _eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
-        outputs = (
-            self(batch["image"], batch["text"])
-            if "text" in batch
-            else {"image_embeds": self.encode_image(batch["image"])}
-        )
-        if "text" in batch:
-            loss, _ = weighted_sum(self.objectives, outputs)
-            self.log(f"{stage}/loss", loss, batch_size=batch["image"].shape[0])
-        return {"image_embeds": outputs["image_embeds"], "text_embeds": outputs.get("text_embeds")}
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        return self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        return self._eval_step(batch, "test")
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        """Image embeddings (and text embeddings when the batch has tokens)."""
-        out = {"image_embeds": self.encode_image(batch["image"])}
-        if "text" in batch:
-            out["text_embeds"] = self.encode_text(batch["text"])
-        return out
+    def eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor | None]:
+        """Embeddings for evaluation, and the contrastive loss of the batch's pairs logged as ``<stage>/loss``."""
+        if "text" not in batch:
+            return self.eval_outputs(batch)
+        outputs = self(batch["image"], batch["text"])
+        loss, _ = weighted_sum(self.objectives, outputs)
+        self.log(f"{stage}/loss", loss, batch_size=batch["image"].shape[0])
+        return {"image_embeds": outputs["image_embeds"], "text_embeds": outputs["text_embeds"]}
 
     # Optimisation ----------------------------------------------------------------------------
-    def configure_optimizers(self) -> Any:
-        return configure_optimizers(self.model.named_parameters(), self.optimizer, self.lr_scheduler)
+    def trainable_parameters(self):
+        """The open_clip model's parameters (the objectives hold none)."""
+        return self.model.named_parameters()
 
     # Checkpoints and export ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint[OPEN_CLIP_CKPT_KEY] = self.open_clip_config
-        checkpoint["distill"] = {"module": type(self).__name__, "version": distill.__version__}
 
     def on_fit_end(self) -> None:
         if self.export_dir and self.trainer.is_global_zero:

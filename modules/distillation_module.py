@@ -5,19 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-import distill
 from distill.kd_objectives import LabelCrossEntropy
-from distill.modules._optim import configure_optimizers
+from distill.modules.base import VisionLanguageTask
 from distill.objectives import weighted_sum
+from distill.students import Student
 from distill.teachers import Teacher
 
 
-class DistillationModule(pl.LightningModule):
+class DistillationModule(VisionLanguageTask):
     """Train a student on a frozen teacher's embeddings with weighted distillation objectives.
 
     The teacher (frozen, eval mode) and the student each see their own view of the same raw
@@ -46,7 +45,7 @@ class DistillationModule(pl.LightningModule):
     def __init__(
         self,
         teacher: Teacher,
-        student: Callable[[int], nn.Module],
+        student: Callable[[int], Student],
         objectives: list[nn.Module] | None = None,
         align_objectives: list[nn.Module] | None = None,
         align_steps: int = 0,
@@ -55,16 +54,17 @@ class DistillationModule(pl.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer, lr_scheduler)
         self.save_hyperparameters(
             ignore=["teacher", "student", "objectives", "align_objectives", "optimizer", "lr_scheduler"]
         )
         self.teacher = teacher
         self.student = student(teacher.embed_dim)
-        width = getattr(self.student, "embed_dim", None)
-        if width != teacher.embed_dim:
+        if not isinstance(self.student, Student):
+            raise TypeError(f"student must be a distill.students.Student, got {type(self.student).__name__}")
+        if self.student.embed_dim != teacher.embed_dim:
             raise ValueError(
-                f"student embeds into {width} dimensions but the teacher into {teacher.embed_dim}: "
+                f"student embeds into {self.student.embed_dim} dimensions but the teacher into {teacher.embed_dim}: "
                 "the student needs a projection to the teacher's width"
             )
         self.objectives = nn.ModuleList(objectives if objectives is not None else [LabelCrossEntropy()])
@@ -72,20 +72,32 @@ class DistillationModule(pl.LightningModule):
         if align_steps > 0 and not len(self.align_objectives):
             raise ValueError("align_steps > 0 needs align_objectives (VL2V-ADiP stage 1)")
         self.align_steps, self.templates, self.cache_teacher = align_steps, templates, cache_teacher
-        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         # What the datamodule reads: the student's views and tokenizer, plus the teacher's.
         self.preprocess_train = self.student.preprocess_train
         self.preprocess_val = self.student.preprocess_val
-        self.tokenizer = getattr(self.student, "tokenizer", None)
+        self.tokenizer = self.student.tokenizer
         self.teacher_preprocess = teacher.preprocess
         self.teacher_tokenizer = teacher.tokenizer
         self._cache: dict[str, torch.Tensor] = {}
 
     # Encoders ------------------------------------------------------------------------------
     @property
-    def dual_tower(self) -> bool:
+    def has_text_tower(self) -> bool:
         """Whether the student has a text tower of its own."""
-        return hasattr(self.student, "encode_text")
+        return self.student.has_text_tower
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """The teacher's temperature: predictions use the teacher's text class bank."""
+        return self.teacher.logit_scale
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Student text embeddings (M, D) (dual-tower students)."""
+        return self.student.encode_text(tokens, normalize=normalize)
+
+    def export_network(self) -> nn.Module:
+        """The student (the teacher and the objectives are training-only)."""
+        return self.student
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Student image embeddings (N, D)."""
@@ -136,7 +148,8 @@ class DistillationModule(pl.LightningModule):
 
     def _store(self, kind: str, index: torch.Tensor, values: torch.Tensor) -> None:
         if kind not in self._cache:
-            size = len(self.trainer.train_dataloader.dataset)
+            # One row per training item: the datamodule's ``index`` addresses them.
+            size = self.trainer.datamodule.num_items("train")
             self._cache[kind] = values.new_zeros(size, values.shape[1])
             self._cache[kind + "_filled"] = torch.zeros(size, dtype=torch.bool, device=values.device)
         self._cache[kind][index] = values
@@ -155,7 +168,7 @@ class DistillationModule(pl.LightningModule):
         }
         if with_teacher:
             outputs["teacher_image_embeds"], outputs["teacher_text_embeds"] = self._teacher_embeddings(batch)
-        if self.dual_tower:
+        if self.has_text_tower:
             outputs["text_embeds"] = self.student.encode_text(batch["text"])
             outputs["logit_scale"] = self.student.logit_scale
         return outputs
@@ -172,25 +185,9 @@ class DistillationModule(pl.LightningModule):
         self.log_dict({f"train/loss_{k}": v for k, v in terms.items()}, batch_size=size)
         return loss
 
-    def _eval_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor | None]:
-        text = self.student.encode_text(batch["text"]) if self.dual_tower and "text" in batch else None
-        return {"image_embeds": self.encode_image(batch["image"]), "text_embeds": text}
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor | None]:
-        return self._eval_step(batch)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor | None]:
-        return self._eval_step(batch)
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor | None]:
-        return self._eval_step(batch)
-
-    def configure_optimizers(self) -> Any:
-        return configure_optimizers(self.student.named_parameters(), self.optimizer, self.lr_scheduler)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Marks the file as ours: ``distill export`` checks it before loading weights.
-        checkpoint["distill"] = {"module": type(self).__name__, "version": distill.__version__}
+    def trainable_parameters(self):
+        """The student's parameters (the teacher is frozen)."""
+        return self.student.named_parameters()
 
     def state_dict(self, *args, **kwargs) -> dict[str, Any]:
         # The frozen teacher is rebuilt from its own source; checkpoints hold the student only.

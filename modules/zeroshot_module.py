@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
+from torch import nn
 
+from distill.modules.base import VisionLanguageTask
 from distill.teachers import Teacher
 
 
-class ZeroShotModule(pl.LightningModule):
+class ZeroShotModule(VisionLanguageTask):
     """Evaluate a frozen open_clip model zero-shot with ``distill validate/test/predict``.
 
     Takes the same model sources as the distillation teacher: an open_clip name with a
@@ -41,6 +42,15 @@ class ZeroShotModule(pl.LightningModule):
         self.preprocess_train = self.teacher.preprocess
         self.preprocess_val = self.teacher.preprocess
 
+    @property
+    def has_text_tower(self) -> bool:
+        return True
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """The model's learned temperature, exponentiated."""
+        return self.teacher.logit_scale
+
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(N, 3, H, W) images -> (N, D) embeddings."""
         return self.teacher.encode_image(images, normalize=normalize)
@@ -55,21 +65,12 @@ class ZeroShotModule(pl.LightningModule):
         templates: Sequence[str],
         descriptors: Mapping[str, Sequence[str]] | None = None,
     ) -> torch.Tensor:
-        """(C, D) zero-shot classifier, cached per class list (the teacher is frozen)."""
+        """(C, D) zero-shot classifier, cached per class list (the model is frozen)."""
         return self.teacher.class_bank(classnames, templates, descriptors)
 
-    def _step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor | None]:
-        text = self.encode_text(batch["text"]) if "text" in batch else None
-        return {"image_embeds": self.encode_image(batch["image"]), "text_embeds": text}
+    def export_network(self) -> nn.Module:
+        """The open_clip model (both towers)."""
+        return self.teacher.model
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor | None]:
-        return self._step(batch)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor | None]:
-        return self._step(batch)
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor | None]:
-        return self._step(batch)
-
-    def configure_optimizers(self) -> None:
+    def configure_optimizers(self) -> Any:
         raise RuntimeError("ZeroShotModule does not train; use validate, test or predict")

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny open_clip config and a tiny trained-or-random teacher folder."""
+"""Shared fixtures: the tiny open_clip model config and a random tiny teacher folder."""
 
 from __future__ import annotations
 
@@ -11,26 +11,26 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-TINY_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+# The tests' architecture, an open_clip model config shipped in distill/model_configs and
+# registered on import of distill.clip_models: ModifiedResNet of width 8 at 32 px, 1-layer text.
+TINY_MODEL = "tiny-rn-test"
 
 
 @pytest.fixture
 def tiny_config() -> dict:
-    """A copy of an open_clip model config small enough for CPU tests (32 px, 1-layer text)."""
-    import copy
+    """A copy of the tiny model's open_clip config (for tests that pass or edit a config dict)."""
+    import open_clip
 
-    return copy.deepcopy(TINY_CONFIG)
+    import distill.clip_models  # noqa: F401  (registers the model configs)
+
+    return open_clip.get_model_config(TINY_MODEL)
 
 
 @pytest.fixture
-def tiny_local_dir(tmp_path, tiny_config):
+def tiny_local_dir(tmp_path):
     """A random tiny open_clip model saved as a ``local-dir`` folder."""
     from distill.clip_models import build_clip, save_local_dir
 
     torch.manual_seed(0)
-    bundle = build_clip(model_config=tiny_config)
+    bundle = build_clip(model_name=TINY_MODEL)
     return save_local_dir(bundle.model, bundle.model_config, bundle.preprocess_config, tmp_path / "tiny_teacher")

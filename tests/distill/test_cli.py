@@ -1,6 +1,8 @@
-"""The CLI end to end: every shipped config runs (fast_dev_run), and bad input fails in one line."""
+"""The CLI end to end: fit, test, validate and predict, and bad input fails in one line.
 
-import re
+The shipped configs are run by tests/test_configs.py.
+"""
+
 from pathlib import Path
 
 import pytest
@@ -8,7 +10,6 @@ import torch
 
 from distill.cli import main
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
 SMALL_DATA = [
     "--data.init_args.num_train=16",
     "--data.init_args.num_val=14",
@@ -17,34 +18,7 @@ SMALL_DATA = [
 ]
 
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _command(config: Path) -> list[str]:
-    """The command a config's header comment gives, with config paths made absolute."""
-    match = re.search(r"^#\s+distill (\w+)((?: --config \S+)+)$", config.read_text(), re.M)
-    assert match, f"{config} lacks a header line '#   distill <subcommand> --config {config.name}'"
-    configs = match.group(2).split()[1::2]
-    assert str(config.relative_to(ROOT)) in configs, f"{config}'s header command does not use it"
-    return [match.group(1)] + [arg for c in configs for arg in ("--config", str(ROOT / c))]
-
-
-def _prepare_inputs(command: list[str], tiny_config) -> None:
-    """Create, at the relative paths the configs name, the small files they expect to exist."""
-    from distill.clip_models import build_clip, save_local_dir
-
-    texts = [Path(arg).read_text() for arg in command if arg.endswith(".yaml")]
-    for folder in re.findall(r"local-dir:(\S+)", "\n".join(texts)):
-        bundle = build_clip(model_config=tiny_config)
-        save_local_dir(bundle.model, bundle.model_config, bundle.preprocess_config, folder)
-
-
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
-def test_every_config_runs(config, tmp_path, monkeypatch, tiny_config):
-    monkeypatch.chdir(tmp_path)  # configs write to relative run folders
-    command = _command(config)
-    _prepare_inputs(command, tiny_config)
-    main([*command, "--trainer.fast_dev_run=1", *SMALL_DATA])
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_fit_then_test_then_teacher_from_checkpoint(tmp_path, monkeypatch, tiny_config):
@@ -75,7 +49,7 @@ def test_fit_then_test_then_teacher_from_checkpoint(tmp_path, monkeypatch, tiny_
         torch.testing.assert_close(teacher.encode_text(tokens), trained.encode_text(tokens, normalize=True))
         torch.testing.assert_close(teacher.encode_image(images), trained.encode_image(images, normalize=True))
     main(["test", *args, f"--ckpt_path={ckpt}"])
-    assert (Path("run") / "lightning_logs").exists()
+    assert (Path("run") / "logs" / "version_1" / "metrics.csv").is_file()  # fit wrote version_0, test version_1
 
 
 @pytest.mark.parametrize(
@@ -161,7 +135,7 @@ def test_validate_and_predict_with_a_frozen_teacher(tmp_path, monkeypatch, tiny_
 
 def test_unknown_timm_student_is_one_clear_line(tmp_path, monkeypatch, capsys, tiny_local_dir):
     monkeypatch.chdir(tmp_path)
-    config = ROOT / "configs" / "distill" / "labels_only.yaml"
+    config = ROOT / "configs" / "distill" / "base.yaml"
     with pytest.raises(SystemExit):
         main(
             [
@@ -174,3 +148,30 @@ def test_unknown_timm_student_is_one_clear_line(tmp_path, monkeypatch, capsys, t
         )
     err = capsys.readouterr().err
     assert "distill: error: unknown timm model name 'mobilenetv9_tiny'" in err
+
+
+def test_one_cycle_length_and_log_folder_come_from_the_trainer(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "--model=ContrastiveModule",
+        "--model.init_args.model_name=tiny-rn-test",
+        "--model.init_args.lr_scheduler=torch.optim.lr_scheduler.OneCycleLR",
+        "--model.init_args.lr_scheduler.init_args.max_lr=0.01",
+        "--data=ShapesWorldDataModule",
+        *SMALL_DATA,
+        "--trainer.max_steps=3",
+        "--trainer.default_root_dir=onecycle",
+        "--trainer.enable_progress_bar=false",
+    ]
+    cli = main(["fit", *args])
+    scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.total_steps == 3  # trainer.max_steps, not typed twice
+    assert cli.trainer.logger.log_dir == str(Path("onecycle") / "logs" / "version_0")
+    with pytest.raises(SystemExit):
+        main(["fit", *args, "--trainer.max_steps=-1"])
+
+
+def test_model_and_data_must_be_distill_classes(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model=lightning.pytorch.demos.boring_classes.BoringModel"])
+    assert "VisionLanguageTask" in capsys.readouterr().err

@@ -5,10 +5,9 @@ import torch
 
 from distill.callbacks import TeacherFrozenCheck
 from distill.datamodules import ShapesWorldDataModule
-from distill.datamodules.common import ModelIO
 from distill.kd_objectives import AffinityDistillation, ClassTextAlignment, FeatureDistillation, LabelCrossEntropy
 from distill.modules import DistillationModule
-from distill.students import OpenClipStudent, TimmStudent, check_timm_name
+from distill.students import OpenClipStudent, Student, TimmStudent, check_timm_name
 from distill.teachers import Teacher
 
 STUDENT_TEXT = {
@@ -45,17 +44,19 @@ def _module(tiny_local_dir, **kwargs):
 
 
 def test_dimension_mismatch_without_projection(tiny_local_dir):
-    class NoProjection(torch.nn.Module):
-        embed_dim = 7
-        preprocess_train = preprocess_val = None
+    class NoProjection(Student):
+        def __init__(self) -> None:
+            super().__init__(embed_dim=7)
 
     with pytest.raises(ValueError, match="needs a projection to the teacher's width"):
         _module(tiny_local_dir, student=lambda d: NoProjection())
+    with pytest.raises(TypeError, match=r"student must be a distill.students.Student, got Linear"):
+        _module(tiny_local_dir, student=lambda d: torch.nn.Linear(3, d))
 
 
 def _batch(module, n=8):
     dm = ShapesWorldDataModule(num_train=n, num_val=7, num_test=7, batch_size=n)
-    dm.io = ModelIO.from_model(module)
+    dm.connect(module)
     dm.setup("fit")
     return dm, next(iter(dm.train_dataloader()))
 
@@ -96,7 +97,6 @@ def test_training_logs_every_term_of_both_stages_and_caches_the_teacher(tiny_loc
     logged = set(trainer.callback_metrics)
     assert {"train/loss_fd_cosine", "train/loss_class_text_align"} <= logged  # stage 1 (steps 0-1)
     assert {"train/loss_label_ce", "train/loss_affinity"} <= logged  # stage 2 (steps 2-3)
-    assert bool(module._cache["image_filled"].all())  # every item's teacher embedding computed once
 
 
 def _teacher_calls(module, dm, steps=4):
@@ -111,10 +111,12 @@ def _teacher_calls(module, dm, steps=4):
         enable_model_summary=False,
         limit_val_batches=0,
     )
-    calls = []
-    encode = module.teacher.encode_image
+    calls, text_calls = [], []
+    encode, encode_text = module.teacher.encode_image, module.teacher.encode_text
     module.teacher.encode_image = lambda images: calls.append(len(images)) or encode(images)
+    module.teacher.encode_text = lambda tokens, **kw: text_calls.append(len(tokens)) or encode_text(tokens, **kw)
     trainer.fit(module, datamodule=dm)
+    module.text_calls = text_calls
     return calls
 
 
@@ -122,7 +124,8 @@ def test_consistent_augmentation_feeds_both_views_and_bypasses_the_teacher_cache
     module = _module(tiny_local_dir, objectives=[LabelCrossEntropy(), FeatureDistillation()])
     dm = ShapesWorldDataModule(num_train=16, num_val=7, num_test=7, batch_size=8, augment="trivialaugment")
     assert _teacher_calls(module, dm) == [8, 8, 8, 8]  # augmented images change every epoch: no image cache
-    assert "image" not in module._cache and bool(module._cache["text_filled"].all())  # captions do not change
+    # Captions do not change: the teacher embeds each of the 16 once (epoch 1), then reads its cache.
+    assert [n for n in module.text_calls if n == 8] == [8, 8]
     batch = next(iter(dm.train_dataloader()))
     assert batch["augmented"] and batch["teacher_image"].shape[-1] == 32
     val_batch = next(iter(dm.val_dataloader()))

@@ -3,10 +3,15 @@
 import csv
 
 import pytest
+from torchvision.transforms.functional import pil_to_tensor
 
 from distill import shapesworld as sw
 from distill.cli import main
-from distill.datamodules import ImageTextDataModule
+from distill.datamodules import ImageTextDataModule, ModelIO
+
+
+def _to_float(image):
+    return pil_to_tensor(image).float() / 255
 
 
 @pytest.fixture
@@ -24,6 +29,7 @@ def test_batches_classes_and_domains(folder):
         ood_domains=["sketch"],
         batch_size=4,
     )
+    dm.connect(ModelIO(train_transform=_to_float, eval_transform=_to_float))
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (4, 3, 64, 64) and len(batch["caption"]) == 4
     rows = list(csv.DictReader((folder / "train.csv").read_text().splitlines()))

@@ -76,8 +76,12 @@ def test_class_bank_is_template_mean_and_cached(tiny_local_dir):
     assert bank.shape == (2, teacher.embed_dim)
     manual = teacher.encode_text(teacher.tokenize([t.format("star") for t in templates])).mean(0)
     torch.testing.assert_close(bank[1], manual / manual.norm())
-    assert teacher.class_bank(["circle", "star"], templates) is not None
-    assert len(teacher._bank_cache) == 1
+    calls = []
+    encode_text = teacher.encode_text
+    teacher.encode_text = lambda tokens, **kw: calls.append(len(tokens)) or encode_text(tokens, **kw)
+    assert torch.equal(teacher.class_bank(["circle", "star"], templates), bank) and calls == []  # cached
+    teacher.class_bank(["circle", "star", "heart"], templates)
+    assert sum(calls) == 3 * len(templates)  # a new class list is embedded once
 
 
 def test_class_bank_with_descriptors(tiny_local_dir):

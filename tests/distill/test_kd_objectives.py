@@ -15,7 +15,7 @@ from distill.kd_objectives import (
     LabelCrossEntropy,
     LogitDistillation,
 )
-from distill.objectives import InfoNCE
+from distill.objectives import InfoNCE, weighted_sum
 
 
 def _unit(*shape):
@@ -125,3 +125,25 @@ def test_names_and_validation():
     with pytest.raises(KeyError, match="class_bank"):
         LabelCrossEntropy()({"image_embeds": torch.zeros(2, 3)})
     assert math.isfinite(InteractiveContrastive(temperature=0.07).weight)
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [FeatureDistillation(), AffinityDistillation(), InteractiveContrastive(), LogitDistillation()],
+    ids=lambda o: o.name,
+)
+def test_nan_teacher_embeddings_name_the_term_and_the_tensor(outputs, objective):
+    outputs["teacher_image_embeds"][2, 0] = float("nan")
+    with pytest.raises(
+        FloatingPointError, match=rf"loss term '{objective.name}' is nan \(.*\['teacher_image_embeds'\]\)"
+    ):
+        weighted_sum([LabelCrossEntropy(), objective], outputs)
+
+
+@pytest.mark.parametrize("cls", [AffinityDistillation, InteractiveContrastive, LogitDistillation])
+def test_backend_name_is_checked_by_the_engine(cls):
+    with pytest.raises(
+        ValueError, match=r"backend must be one of \('auto', 'reference', 'tiled', 'cuda'\), got 'tiles'"
+    ):
+        cls(backend="tiles")
+    assert cls(backend="tiled").backend == "tiled"

@@ -139,12 +139,35 @@ def test_missing_keys_messages():
         SoftTargetContrastive()({"image_embeds": img, "text_embeds": txt, "logit_scale": _scalar(1.0)})
 
 
-def test_non_finite_embeds_rejected():
+@pytest.mark.parametrize("cls", [InfoNCE, SigLIP, DCL, SoftTargetContrastive])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_embeds_name_the_term_and_the_tensor(cls, value):
     img, txt = _pair()
     bad = img.detach().clone()
-    bad[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="image_embeds contains non-finite"):
-        InfoNCE()({"image_embeds": bad, "text_embeds": txt, "logit_scale": _scalar(1.0)})
+    bad[0, 0] = value
+    out = {
+        "image_embeds": bad,
+        "text_embeds": txt,
+        "logit_scale": _scalar(1.0),
+        "logit_bias": _scalar(-1.0),
+        "target_similarity": (img @ txt.T).detach(),
+    }
+    # The objective itself does no value check (one check per step, in weighted_sum) ...
+    assert not torch.isfinite(cls()(out))
+    # ... and weighted_sum names the term and the non-finite input.
+    with pytest.raises(FloatingPointError, match=rf"loss term '{cls.default_name}' is (nan|inf).*\['image_embeds'\]"):
+        weighted_sum([cls()], out)
+
+
+def test_one_host_sync_per_weighted_sum(monkeypatch):
+    """The NaN/inf check runs once per step (on the total), not per term or per input tensor."""
+    img, txt = _pair()
+    out = {"image_embeds": img, "text_embeds": txt, "logit_scale": _scalar(3.0), "logit_bias": _scalar(-1.0)}
+    calls = []
+    isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: calls.append(t) or isfinite(t))
+    total, _ = weighted_sum([InfoNCE(), SigLIP(), DCL()], out)
+    assert len(calls) == 1 and calls[0] is total
 
 
 def test_weighted_sum_combines_weights():
@@ -171,8 +194,26 @@ def test_weighted_sum_nan_names_objective():
     out = {"image_embeds": img, "text_embeds": txt, "logit_scale": _scalar(1.0)}
     with pytest.raises(FloatingPointError, match="loss term 'broken' is nan"):
         weighted_sum([InfoNCE(), NaNLoss()], out)
-    with pytest.raises(FloatingPointError, match="loss term 'infonce' is nan"):
+    with pytest.raises(
+        FloatingPointError, match=r"loss term 'infonce' is nan \(non-finite values in outputs \['logit_scale'\]"
+    ):
         weighted_sum([InfoNCE()], {**out, "logit_scale": _scalar(float("nan"))})
+    # The first non-finite term is named, whatever comes after it; a weight of 0 does not hide it.
+    with pytest.raises(FloatingPointError, match="loss term 'broken' is nan$"):
+        weighted_sum([NaNLoss(), InfoNCE(weight=0.0)], out)
+    inf_loss = NaNLoss()
+    inf_loss.forward = lambda outputs: torch.tensor(float("inf"))
+    inf_loss.name, inf_loss.weight = "exploded", 0.0
+    with pytest.raises(FloatingPointError, match="loss term 'exploded' is inf$"):
+        weighted_sum([InfoNCE(), inf_loss], out)
+
+
+def test_backend_name_checked_once_with_the_choices():
+    for cls in (InfoNCE, SigLIP):
+        with pytest.raises(
+            ValueError, match=r"backend must be one of \('auto', 'reference', 'tiled', 'cuda'\), got 'gpu'"
+        ):
+            cls(backend="gpu")
 
 
 def test_weighted_sum_rejects_duplicate_names():

@@ -225,6 +225,35 @@ def test_bad_inputs_name_the_tensor():
             infonce_loss(a, b.cuda(), s)
 
 
+def test_non_finite_inputs_named_on_direct_calls_only():
+    """Direct calls check NaN/inf and name the tensor; check_finite=False (the objectives) leaves it to the caller."""
+    a, b, ta, tb, s, c = _batch()
+    bad = tb.detach().clone()
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="teacher_text contains non-finite"):
+        kd_loss(a, b, ta, bad, s, 3.0)
+    assert not torch.isfinite(kd_loss(a, b, ta, bad, s, 3.0, check_finite=False))
+    nan = a.detach().clone()
+    nan[1, 1] = float("nan")
+    for backend in CPU_BACKENDS:
+        with pytest.raises(ValueError, match="image contains non-finite"):
+            infonce_loss(nan, b, s, backend=backend)
+        assert torch.isnan(infonce_loss(nan, b, s, backend=backend, check_finite=False))
+        assert torch.isnan(siglip_loss(nan, b, s, c, backend=backend, check_finite=False))
+    with pytest.raises(ValueError, match="teacher_image has D=5, teacher_text has D=8"):
+        kd_loss(a, b, ta, b.detach(), s, 3.0)
+
+
+def test_backend_names_checked_in_one_place():
+    assert cuda_ext.BACKENDS == ("auto", "reference", "tiled", "cuda")
+    assert [cuda_ext.check_backend(name) for name in cuda_ext.BACKENDS] == list(cuda_ext.BACKENDS)
+    message = r"backend must be one of \('auto', 'reference', 'tiled', 'cuda'\), got 'gpu'"
+    with pytest.raises(ValueError, match=message):
+        cuda_ext.check_backend("gpu")
+    with pytest.raises(ValueError, match=message):
+        kd_loss(*_batch(), backend="gpu")
+
+
 def test_cuda_backend_errors_are_clear():
     a, b, *_ = _batch()
     with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors.*cpu"):

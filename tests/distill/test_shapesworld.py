@@ -5,11 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from distill import shapesworld as sw
-from distill.datamodules import ShapesWorldDataModule
-from distill.datamodules.shapesworld_datamodule import split_classes
 from distill.shapesworld_text import SHAPE_SYNONYMS
 
 
@@ -78,67 +75,6 @@ def test_bad_arguments_are_named():
         sw.render(0, domain=9)
 
 
-def test_base_novel_split_halves_sorted_names():
-    names = ["b", "a", "d", "c", "e"]
-    base, novel = split_classes(names, "base"), split_classes(names, "novel")
-    assert sorted(names[i] for i in base) == ["a", "b", "c"]
-    assert sorted(base + novel) == list(range(5))
-
-
-def test_datamodule_batches_and_splits():
-    dm = ShapesWorldDataModule(
-        train_domains=["flat", "outline"],
-        num_train=32,
-        num_val=28,
-        num_test=14,
-        batch_size=8,
-        train_classes="base",
-        eval_classes="novel",
-    )
-    dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
-    assert set(batch) >= {"image", "caption", "label", "domain"}
-    assert batch["image"].shape == (8, 3, 64, 64) and batch["image"].dtype == torch.float32
-    base = set(split_classes(dm.classnames, "base"))
-    assert set(batch["label"].tolist()) <= base
-    assert set(batch["domain"].tolist()) <= {0, 1}
-    assert dm.ood_domains == ["texture", "shaded", "sketch", "pixel", "night"]
-    val = next(iter(dm.val_dataloader()))
-    assert set(val["label"].tolist()) <= set(split_classes(dm.classnames, "novel"))
-
-
-def test_datamodule_uses_the_models_transform_and_tokenizer():
-    class FakeModel:
-        preprocess_train = staticmethod(lambda img: torch.zeros(3, 5, 5))
-        preprocess_val = staticmethod(lambda img: torch.ones(3, 5, 5))
-        tokenizer = staticmethod(lambda texts: torch.full((len(texts), 4), 7))
-
-    from distill.datamodules.common import ModelIO
-
-    dm = ShapesWorldDataModule(num_train=8, num_val=8, num_test=8, batch_size=4, cache_images=False)
-    dm.io = ModelIO.from_model(FakeModel())
-    dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
-    assert batch["image"].shape == (4, 3, 5, 5) and batch["image"].sum() == 0
-    assert batch["text"].shape == (4, 4)
-    assert next(iter(dm.val_dataloader()))["image"].mean() == 1
-
-
-def test_cached_and_uncached_items_match():
-    kwargs = dict(num_train=6, num_val=7, num_test=7, batch_size=6)
-    a = ShapesWorldDataModule(cache_images=True, **kwargs)
-    b = ShapesWorldDataModule(cache_images=False, **kwargs)
-    a.setup("fit"), b.setup("fit")
-    assert torch.equal(next(iter(a.val_dataloader()))["image"], next(iter(b.val_dataloader()))["image"])
-
-
-def test_unknown_domain_and_overlap_are_clear_errors():
-    with pytest.raises(ValueError, match="unknown ShapesWorld domain.*'cartoon'"):
-        ShapesWorldDataModule(train_domains=["flat", "cartoon"])
-    with pytest.raises(ValueError, match="both in train_domains and ood_domains"):
-        ShapesWorldDataModule(train_domains=["flat"], ood_domains=["flat"])
-
-
 def test_write_image_folder_roundtrip(tmp_path):
     from PIL import Image
 
@@ -149,3 +85,37 @@ def test_write_image_folder_roundtrip(tmp_path):
     pixels = np.asarray(Image.open(tmp_path / first["filepath"]))
     expected = sw.render(0, split="val", domain=sw.DOMAINS.index(first["domain"]), label=int(first["label"]))
     assert np.array_equal(pixels, expected.image) and first["caption"] == expected.caption
+
+
+def test_domain_and_label_is_balanced():
+    domains, labels = ["a", "b", "c"], [5, 7]
+    pairs = [sw.domain_and_label(i, domains, labels) for i in range(12)]
+    assert pairs[:4] == [("a", 5), ("b", 5), ("c", 5), ("a", 7)]
+    assert sorted(pairs[:6]) == sorted((d, lab) for d in domains for lab in labels) and pairs[6:] == pairs[:6]
+
+
+def test_image_folder_and_dataset_share_the_item_rule(tmp_path):
+    from distill.datamodules.shapesworld_datamodule import ShapesWorldDataset
+
+    names = ["outline", "night", "flat"]
+    csv_path = sw.write_image_folder(str(tmp_path), split="test", num_items=20, domains=names, image_size=16)
+    rows = list(csv.DictReader(Path(csv_path).read_text().splitlines()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test", "test.csv"]  # no temporary CSV left
+    dataset = ShapesWorldDataset(
+        "test",
+        20,
+        [sw.DOMAINS.index(n) for n in names],
+        range(len(sw.SHAPES)),
+        image_size=16,
+        task="shape",
+        num_colours=len(sw.COLOURS),
+        second_object_prob=0.0,
+        seed=0,
+        cache=False,
+    )
+    for i, row in enumerate(rows):
+        domain, label = sw.DOMAINS.index(row["domain"]), int(row["label"])
+        assert dataset.domain_and_label(i) == (domain, label) == sw.domain_and_label(i, dataset.domains, dataset.labels)
+        item, example = dataset.item(i), dataset[i]
+        assert (item.domain, item.label, example["domain"], example["label"]) == (domain, label, domain, label)
+        assert item.caption == row["caption"] == example["caption"]

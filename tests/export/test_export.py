@@ -13,8 +13,9 @@ from PIL import Image
 
 from distill.datamodules import ShapesWorldDataModule
 from distill.export import pipeline
+from distill.export.command import Gates, eval_set_from_datamodule, load_checkpoint
 from distill.export.parity import ParityError
-from distill.export.pipeline import Gates, eval_set_from_datamodule, export_bundle, load_checkpoint
+from distill.export.pipeline import export_bundle
 from distill.export.preprocess_spec import preprocess_spec
 from distill.export.runtime import EdgeClassifier, preprocess
 from distill.modules import DistillationModule
@@ -199,7 +200,9 @@ def test_distill_export_command_from_a_training_checkpoint(tmp_path, monkeypatch
     save_local_dir(tiny.model, tiny.model_config, tiny.preprocess_config, "runs/demo/teacher/open_clip")
     base = [
         "--config",
-        str(Path(__file__).parents[1] / "configs" / "distill" / "labels_only.yaml"),
+        str(Path(__file__).resolve().parents[2] / "configs" / "distill" / "base.yaml"),
+        "--config",
+        str(Path(__file__).resolve().parents[2] / "configs" / "distill" / "labels_only.yaml"),
         "--data.init_args.num_train=16",
         "--data.init_args.num_val=14",
         "--data.init_args.num_test=21",

@@ -10,9 +10,7 @@ from distill.objectives import DCL, InfoNCE, SigLIP, SoftTargetContrastive
 
 def _batch(module, n=16):
     dm = ShapesWorldDataModule(num_train=n, num_val=7, num_test=7, batch_size=n, train_domains=["flat"])
-    from distill.datamodules.common import ModelIO
-
-    dm.io = ModelIO.from_model(module)
+    dm.connect(module)
     dm.setup("fit")
     return next(iter(dm.train_dataloader()))
 

@@ -1,0 +1,205 @@
+"""The base datamodule: what every distill datamodule offers, and its wiring to the model it feeds.
+
+The image transform and the tokenizer belong to the model being trained (a teacher at 224 px
+with CLIP's BPE, a student at 64 px with its own mean/std...), not to the data. In ``setup()``
+the datamodule takes them from the attached :class:`~distill.modules.base.VisionLanguageTask`
+(``preprocess_train``, ``preprocess_val``, ``tokenizer`` and the optional teacher views); a
+module that offers no transform is an error naming the attribute, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+
+from distill.datamodules.common import AugmentPolicy, ImageTextCollate, Views, build_augment
+from distill.modules.base import VisionLanguageTask
+
+SPLITS = ("train", "val", "test")
+
+
+class ModelIO:
+    """Transforms and tokenizers a datamodule takes from the model it feeds.
+
+    Args:
+        train_transform: PIL image -> tensor for the training split.
+        eval_transform: PIL image -> tensor for val/test/predict.
+        tokenizer: ``list[str] -> (M, L)`` token ids; captions are left as strings when None.
+        teacher_transform: PIL image -> tensor, the teacher's view (training split only).
+        teacher_tokenizer: the teacher's tokenizer (training split only).
+        augment: PIL -> PIL augmentation of training images, before every view.
+    """
+
+    def __init__(
+        self,
+        train_transform: Callable,
+        eval_transform: Callable,
+        tokenizer: Callable | None = None,
+        teacher_transform: Callable | None = None,
+        teacher_tokenizer: Callable | None = None,
+        augment: Callable | None = None,
+    ) -> None:
+        self.train_transform, self.eval_transform, self.tokenizer = train_transform, eval_transform, tokenizer
+        self.teacher_transform, self.teacher_tokenizer = teacher_transform, teacher_tokenizer
+        self.augment = augment
+
+    @classmethod
+    def from_task(cls, task: VisionLanguageTask, augment: Callable | None = None) -> ModelIO:
+        """The transforms and tokenizers ``task`` declares (see ``VisionLanguageTask``).
+
+        Raises:
+            TypeError: ``task`` is not a distill module.
+            ValueError: it sets no ``preprocess_train`` or ``preprocess_val``.
+        """
+        if not isinstance(task, VisionLanguageTask):
+            raise TypeError(f"distill datamodules feed a distill.modules.VisionLanguageTask; got {type(task).__name__}")
+        for name in ("preprocess_train", "preprocess_val"):
+            if getattr(task, name) is None:  # declared by the base task: None means "not set"
+                raise ValueError(
+                    f"{type(task).__name__} offers no {name}: set self.{name} (PIL image -> tensor) in its __init__"
+                )
+        return cls(
+            task.preprocess_train,
+            task.preprocess_val,
+            task.tokenizer,
+            task.teacher_preprocess,
+            task.teacher_tokenizer,
+            augment,
+        )
+
+    def views(self, split: str) -> Views:
+        """The image views of a split: the model's, plus the teacher's when training."""
+        if split == "train":
+            return Views(self.train_transform, self.teacher_transform, self.augment)
+        return Views(self.eval_transform)
+
+    def collate(self, split: str) -> ImageTextCollate:
+        """The batch collator of a split (teacher tokens only when training)."""
+        return ImageTextCollate(self.tokenizer, self.teacher_tokenizer if split == "train" else None)
+
+
+class VisionLanguageDataModule(pl.LightningDataModule):
+    """Base of every distill datamodule: the task's classes, templates and domains, and its splits.
+
+    Subclasses implement the task description (``classnames``, ``templates``,
+    ``domain_names``, ``id_domains``, ``ood_domains``, optionally ``eval_class_indices``) and
+    ``split_dataset(split)``: a dataset of dict samples (``image``, ``caption``, ``label``,
+    ``domain``, ``index``) with a settable ``transform`` (PIL image -> dict of views; None gives
+    the raw PIL image). Loaders, batching, model wiring and ``raw_samples`` are written here once.
+
+    Args:
+        batch_size: batch size of every loader.
+        num_workers: data loader worker processes.
+        augment: auto-augment policy of training images, applied before the model's and the
+            teacher's transforms so both see the same image (consistent teaching).
+    """
+
+    #: The split ``predict`` reads.
+    predict_split: str = "test"
+
+    def __init__(self, batch_size: int = 64, num_workers: int = 0, augment: AugmentPolicy = "none") -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive number of samples, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        build_augment(augment)  # fail on an unknown policy now, not at setup
+        self.batch_size, self.num_workers, self.augment = batch_size, num_workers, augment
+        self.io: ModelIO | None = None
+
+    # The task (implemented by subclasses) ------------------------------------------------------
+    @property
+    def classnames(self) -> list[str]:
+        """Names of all classes, indexed by the batch's ``label`` value (may be empty: pairs only)."""
+        raise NotImplementedError
+
+    @property
+    def templates(self) -> list[str]:
+        """Zero-shot prompt templates, each with one ``{}`` for the class name."""
+        raise NotImplementedError
+
+    @property
+    def domain_names(self) -> list[str]:
+        """Names of all domains, indexed by the batch's ``domain`` value."""
+        raise NotImplementedError
+
+    @property
+    def id_domains(self) -> list[str]:
+        """In-distribution domains."""
+        raise NotImplementedError
+
+    @property
+    def ood_domains(self) -> list[str]:
+        """Out-of-distribution (held-out) domains."""
+        raise NotImplementedError
+
+    @property
+    def eval_class_indices(self) -> list[int]:
+        """Labels that evaluation splits contain; the zero-shot classifier covers these (default: all)."""
+        return list(range(len(self.classnames)))
+
+    def split_dataset(self, split: str) -> Dataset:
+        """The dataset of ``split`` (``train``, ``val`` or ``test``), built once and kept."""
+        raise NotImplementedError
+
+    def num_items(self, split: str) -> int:
+        """Number of samples in ``split``."""
+        return len(self.split_dataset(split))
+
+    # Wiring to the model -----------------------------------------------------------------------
+    def connect(self, source: VisionLanguageTask | ModelIO) -> None:
+        """Take transforms and tokenizers from a distill module (or an explicit ``ModelIO``)."""
+        self.io = source if isinstance(source, ModelIO) else ModelIO.from_task(source, build_augment(self.augment))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Connect to the Trainer's module (subclasses also prepare the stage's splits)."""
+        if self.trainer is not None and self.trainer.lightning_module is not None:
+            self.connect(self.trainer.lightning_module)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if self.io is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no transforms yet: use it through a Trainer, or call connect(module) first"
+            )
+        dataset = self.split_dataset(split)
+        dataset.transform = self.io.views(split)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=self.io.collate(split),
+            drop_last=shuffle and len(dataset) > self.batch_size,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_split, shuffle=False)
+
+    def raw_samples(self, split: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """Untransformed samples of a split: ``{"image": PIL image, "label", "domain", ...}``.
+
+        For checks that must run their own preprocessing (export parity, INT8 calibration).
+        With ``limit``, items are taken evenly spaced over the split.
+        """
+        dataset = self.split_dataset(split)
+        saved, dataset.transform = dataset.transform, None
+        try:
+            count = len(dataset) if limit is None else min(limit, len(dataset))
+            indices = np.linspace(0, len(dataset) - 1, count).round().astype(int) if count else []
+            return [dataset[int(i)] for i in indices]
+        finally:
+            dataset.transform = saved
