@@ -113,8 +113,10 @@ def _student_row(recipe: str, seeds: list[int], out: Path, teacher: str, max_ste
         start = time.perf_counter()
         cli = distill(args)
         row["train_seconds"].append(time.perf_counter() - start)
-        # The tested weights, whatever step the periodic checkpoints stopped at (export reads it).
-        cli.trainer.save_checkpoint(run_dir / "final.ckpt")
+        # The tested weights, whatever step the periodic checkpoints stopped at (export reads it):
+        # weights, hyperparameters and the distill marker only (no optimizer state, which nothing
+        # resumes from here), so Lightning has no `weights_only` default to warn about.
+        cli.trainer.save_checkpoint(run_dir / "final.ckpt", weights_only=True)
         metrics = _test_metrics(cli)
         row["id_top1"].append(metrics["id_top1"])
         row["ood_top1"].append(metrics["ood_top1"])

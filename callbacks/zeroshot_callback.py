@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from distill.datamodules.base import VisionLanguageDataModule
 from distill.files import atomic_write_json
 from distill.modules.base import VisionLanguageTask
-from distill.zeroshot import domain_accuracies, load_descriptors, retrieval_recall, zero_shot_hits
+from distill.zeroshot import domain_accuracies, labelled_items, load_descriptors, retrieval_recall, zero_shot_hits
 
 
 class ZeroShotEvaluation(pl.Callback):
@@ -27,7 +27,14 @@ class ZeroShotEvaluation(pl.Callback):
     Logged keys (``<stage>`` is ``val`` or ``test``): ``<stage>/top1_<domain>``,
     ``<stage>/top5_<domain>``, ``<stage>/id_top1``, ``<stage>/ood_top1`` (means over domains),
     ``<stage>/id_top5``, ``<stage>/ood_top5``, ``<stage>/i2t_r1``, ``<stage>/i2t_r5``,
-    ``<stage>/t2i_r1``, ``<stage>/t2i_r5``.
+    ``<stage>/t2i_r1``, ``<stage>/t2i_r5``. When captions repeat (e.g. one per class), recall is
+    also computed per unique caption (``distill.zeroshot.retrieval_recall`` with ``captions``):
+    ``<stage>/i2t_caption_r1``... (a hit is any item with the query's caption string).
+
+    Items without a class (label -1, declared by the datamodule's ``allows_unlabelled``) are left
+    out of every top-k and ID/OOD mean and kept for retrieval; undeclared ones are an error. The
+    counts (items, items without a class, retrieval items, unique captions) go to the printed
+    table and to ``counts`` in ``zeroshot_<stage>.json``.
 
     Args:
         top_k: the k of top-k accuracy.
@@ -51,7 +58,9 @@ class ZeroShotEvaluation(pl.Callback):
         self.top_k, self.retrieval, self.retrieval_items = tuple(top_k), retrieval, retrieval_items
         self.templates, self.descriptors_path, self.report_dir = templates, descriptors, report_dir
         self.results: dict[str, dict[str, float]] = {}
+        self.counts: dict[str, dict[str, int]] = {}
         self._buffer: dict[str, list[torch.Tensor]] = {}
+        self._captions: list[str] = []
 
     # Collection ------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -68,6 +77,7 @@ class ZeroShotEvaluation(pl.Callback):
 
     def _reset(self) -> None:
         self._buffer = {"image": [], "text": [], "label": [], "domain": []}
+        self._captions = []
 
     def _collect(self, outputs: Any, batch: dict[str, Any]) -> None:
         if not isinstance(outputs, dict) or "image_embeds" not in outputs:
@@ -77,6 +87,7 @@ class ZeroShotEvaluation(pl.Callback):
             self._buffer["text"].append(outputs["text_embeds"].detach().float())
         self._buffer["label"].append(batch["label"])
         self._buffer["domain"].append(batch["domain"])
+        self._captions.extend(batch.get("caption") or [])
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: VisionLanguageTask) -> None:
         self._reset()
@@ -122,6 +133,15 @@ class ZeroShotEvaluation(pl.Callback):
             local = pl_module.all_gather(local).flatten(0, 1)
         return local
 
+    def _gathered_captions(self, pl_module: VisionLanguageTask, count: int) -> list[str] | None:
+        """The captions in the order of the gathered tensors, or None when batches carried none."""
+        captions = self._captions
+        if pl_module.trainer.world_size > 1:
+            per_rank: list[list[str]] = [[] for _ in range(pl_module.trainer.world_size)]
+            torch.distributed.all_gather_object(per_rank, captions)
+            captions = [c for rank in per_rank for c in rank]
+        return captions if len(captions) == count else None
+
     def _class_bank(self, pl_module: VisionLanguageTask, datamodule: VisionLanguageDataModule) -> torch.Tensor:
         classnames, templates = datamodule.classnames, self.templates or datamodule.templates
         descriptors = load_descriptors(self.descriptors_path, classnames) if self.descriptors_path else None
@@ -135,16 +155,39 @@ class ZeroShotEvaluation(pl.Callback):
             return
         labels, domains = self._gathered(pl_module, "label"), self._gathered(pl_module, "domain")
         results: dict[str, float] = {}
+        counts = {"items": images.shape[0]}
         if datamodule.classnames:  # pairs without class names get retrieval metrics only
-            results.update(self._classification(pl_module, datamodule, images, labels, domains))
+            labelled = labelled_items(labels, datamodule.allows_unlabelled, f"{stage} items")
+            counts["unlabelled_items"] = 0 if labelled is None else int((~labelled).sum())
+            if labelled is not None:  # items without a class: retrieval only
+                images_l, labels, domains = images[labelled], labels[labelled], domains[labelled]
+            else:
+                images_l = images
+            if labels.numel():
+                results.update(self._classification(pl_module, datamodule, images_l, labels, domains))
         texts = self._gathered(pl_module, "text")
         if self.retrieval and texts is not None:
-            results.update(retrieval_recall(images[: self.retrieval_items], texts[: self.retrieval_items]))
+            results.update(self._retrieval(pl_module, images, texts, counts))
 
-        self.results[stage] = results
+        self.results[stage], self.counts[stage] = results, counts
         pl_module.log_dict({f"{stage}/{k}": v for k, v in results.items()}, sync_dist=False)
         if trainer.is_global_zero:
-            self._report(trainer, stage, results)
+            self._report(trainer, stage, results, counts)
+
+    def _retrieval(
+        self, pl_module: VisionLanguageTask, images: torch.Tensor, texts: torch.Tensor, counts: dict[str, int]
+    ) -> dict[str, float]:
+        """Pairwise recall on the first ``retrieval_items`` pairs, and per unique caption when captions repeat."""
+        images, texts = images[: self.retrieval_items], texts[: self.retrieval_items]
+        results = retrieval_recall(images, texts)
+        captions = self._gathered_captions(pl_module, counts["items"])
+        if captions is not None:
+            captions = captions[: self.retrieval_items]
+            counts["retrieval_items"], counts["unique_captions"] = len(captions), len(set(captions))
+            if counts["unique_captions"] < len(captions):
+                by_caption = retrieval_recall(images, texts, captions=captions)
+                results.update({k.replace("_r", "_caption_r"): v for k, v in by_caption.items()})
+        return results
 
     def _classification(
         self,
@@ -161,16 +204,27 @@ class ZeroShotEvaluation(pl.Callback):
         hits = zero_shot_hits(images, bank, labels, datamodule.eval_class_indices, self.top_k)
         return domain_accuracies(hits, domains, datamodule.domain_names, datamodule.id_domains, datamodule.ood_domains)
 
-    def _report(self, trainer: pl.Trainer, stage: str, results: dict[str, float]) -> None:
+    def _report(self, trainer: pl.Trainer, stage: str, results: dict[str, float], counts: dict[str, int]) -> None:
         folder = Path(self.report_dir or trainer.log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        payload = {"stage": stage, "epoch": trainer.current_epoch, "step": trainer.global_step, "metrics": results}
+        payload = {
+            "stage": stage,
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "metrics": results,
+            "counts": counts,
+        }
         atomic_write_json(folder / f"zeroshot_{stage}.json", payload)
-        rank_zero_info(format_domain_table(results, trainer.datamodule))
+        rank_zero_info(format_domain_table(results, trainer.datamodule, counts))
 
 
-def format_domain_table(results: dict[str, float], datamodule: Any) -> str:
-    """A small text table: one row per domain (ID first, then OOD) and the two means."""
+def format_domain_table(results: dict[str, float], datamodule: Any, counts: dict[str, int] | None = None) -> str:
+    """A small text table: one row per domain (ID first, then OOD), the two means and recall.
+
+    With ``counts`` (see ``ZeroShotEvaluation``) it also says how many items had no class (left
+    out of top-k) and, when captions repeat, how many unique captions retrieval saw.
+    """
+    counts = counts or {}
     lines = [f"{'domain':<12}{'split':<6}{'top1':>8}{'top5':>8}"]
     for group, members in (("ID", datamodule.id_domains), ("OOD", datamodule.ood_domains)):
         for m in members:
@@ -184,7 +238,19 @@ def format_domain_table(results: dict[str, float], datamodule: Any) -> str:
                 f"{group + ' mean':<18}{100 * results[f'{group.lower()}_top1']:>8.1f}"
                 f"{100 * results.get(f'{group.lower()}_top5', float('nan')):>8.1f}"
             )
+    if counts.get("unlabelled_items"):
+        lines.append(
+            f"{counts['unlabelled_items']} of {counts['items']} items have no class: left out of top-k, "
+            "kept for retrieval"
+        )
     for key in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"):
         if key in results:
+            lines.append(f"{key:<18}{100 * results[key]:>8.1f}")
+    if counts.get("unique_captions", 0) < counts.get("retrieval_items", 0):
+        lines.append(
+            f"retrieval over {counts['retrieval_items']} items with {counts['unique_captions']} unique captions: "
+            "*_r<k> count only an item's own pair (identical captions tie), *_caption_r<k> any item with its caption"
+        )
+        for key in sorted(k for k in results if "_caption_r" in k):
             lines.append(f"{key:<18}{100 * results[key]:>8.1f}")
     return "\n".join(lines)

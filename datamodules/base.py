@@ -17,6 +17,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from distill.datamodules.common import AugmentPolicy, ImageTextCollate, Views, build_augment
+from distill.datamodules.sampling import ResumableBatchSampler, ResumableLoader
 from distill.modules.base import VisionLanguageTask
 
 SPLITS = ("train", "val", "test")
@@ -142,6 +143,12 @@ class VisionLanguageDataModule(pl.LightningDataModule):
         """Labels that evaluation splits contain; the zero-shot classifier covers these (default: all)."""
         return list(range(len(self.classnames)))
 
+    @property
+    def allows_unlabelled(self) -> bool:
+        """Whether items may have no class (``label == -1``): kept for retrieval and label-free losses,
+        left out of every classification metric. When False, a -1 label reaching evaluation is an error."""
+        return False
+
     def split_dataset(self, split: str) -> Dataset:
         """The dataset of ``split`` (``train``, ``val`` or ``test``), built once and kept."""
         raise NotImplementedError
@@ -167,15 +174,15 @@ class VisionLanguageDataModule(pl.LightningDataModule):
             )
         dataset = self.split_dataset(split)
         dataset.transform = self.io.views(split)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=self.io.collate(split),
-            drop_last=shuffle and len(dataset) > self.batch_size,
-            persistent_workers=self.num_workers > 0,
+        common = dict(
+            num_workers=self.num_workers, collate_fn=self.io.collate(split), persistent_workers=self.num_workers > 0
         )
+        if shuffle:  # training: a loader Lightning checkpoints, so a killed run resumes mid-epoch
+            sampler = ResumableBatchSampler(
+                len(dataset), self.batch_size, shuffle=True, drop_last=len(dataset) > self.batch_size
+            )
+            return ResumableLoader(dataset, batch_sampler=sampler, **common)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -17,6 +17,10 @@ logs to ``CSVLogger(save_dir=<trainer.default_root_dir>, name="logs")``, and the
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
+import re
 import sys
 from typing import Any, Literal
 
@@ -27,14 +31,72 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 # Imported so that their classes can be named without a module path in configs.
 import distill.callbacks  # noqa: F401
+from distill.callbacks.checkpoint import last_checkpoint
 from distill.datamodules import VisionLanguageDataModule
-from distill.export.command import Gates, Quantisation, run_export
+from distill.export.command import Gates, Quantisation, checkpoint_module_error, run_export
+from distill.files import check_writable_dir
 from distill.modules import VisionLanguageTask
 
 # Errors a user's config or files cause (bad model name, missing file, unknown domain...):
 # reported as one line before any training starts, not as a traceback.
 _USER_ERRORS = (ValueError, KeyError, FileNotFoundError, TypeError)
 _ONE_CYCLE = "torch.optim.lr_scheduler.OneCycleLR"
+_RUN_CHECKPOINT = "distill.callbacks.RunCheckpoint"
+
+
+class DistillArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, reporting a bad option as one line with the closest valid names."""
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        if not self.exit_on_error:  # jsonargparse is trying alternatives: let it
+            return super().error(message, ex)
+        print(f"distill: error: {_condensed(message, self)}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _condensed(message: str, parser: LightningArgumentParser) -> str:
+    """One line out of jsonargparse's multi-line message, with "did you mean" for unknown keys."""
+    unknown_init_arg = re.search(r"class_path '([\w.]+)':\s+Option '([^']+)' is not accepted", message)
+    if unknown_init_arg:
+        class_path, key = unknown_init_arg.groups()
+        module, _, name = class_path.rpartition(".")
+        known = list(inspect.signature(getattr(importlib.import_module(module), name)).parameters)
+        return f"{name} has no option {key!r}{_did_you_mean(key, known)}"
+    unknown = re.search(r"does not accept option '([^']+)'|unrecognized arguments: --?([^\s=]+)", message)
+    if unknown:
+        key = unknown.group(1) or unknown.group(2)
+        known = [a.dest for a in parser._actions] + [
+            f"{a.dest}.{k}" for a in parser._actions for k in getattr(a, "_option_names", [])
+        ]
+        return f"unknown option {key!r}{_did_you_mean(key, known)}"
+    return _union_errors(message) or "; ".join(line.strip() for line in message.splitlines()[:2] if line.strip())
+
+
+def _union_errors(message: str) -> str | None:
+    """The real reasons inside jsonargparse's "does not validate against any of the Union subtypes"."""
+    lines = message.splitlines()
+    if not any(line.strip() == "Errors:" for line in lines):
+        return None
+    start = next(i for i, line in enumerate(lines) if line.strip() == "Errors:") + 1
+    entries: list[list[str]] = []
+    for line in lines[start:]:
+        if line.strip().startswith("Given value"):
+            break
+        if line.strip().startswith("- "):
+            entries.append([line.strip()[2:]])
+        elif entries and line.strip():
+            entries[-1].append(line.strip())
+    reasons = [" ".join(e) for e in entries if "NoneType" not in " ".join(e)]
+    key = re.match(r'Parser key "([^"]+)"', message)
+    text = "; ".join(reasons)
+    text = re.sub(r"Problem with given class_path '(?:[\w]+\.)*(\w+)':", r"\1:", text)
+    text = re.sub(r'Parser key "([^"]+)":', r"\1:", text)
+    return f"{key.group(1)}: {text}" if key else text
+
+
+def _did_you_mean(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
 class DistillTrainer(pl.Trainer):
@@ -96,6 +158,11 @@ class DistillCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # No prefix abbreviations: "--trainer.max_step" must not silently mean "max_steps".
+        kwargs.setdefault("allow_abbrev", False)
+        return super().init_parser(**kwargs)
+
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
         # LightningCLI reads a checkpoint's hyperparameters before anything else runs: a file
@@ -104,9 +171,9 @@ class DistillCLI(LightningCLI):
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if path and path not in ("last", "best", "hpc", "registry"):
             try:
-                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except FileNotFoundError:
-                pass  # Lightning names the missing file itself
+                return  # Lightning names the missing file itself
             except Exception as err:  # pickle, zip and format errors all mean "not a checkpoint"
                 print(
                     f"distill: error: {path} is not a distill checkpoint (unreadable as a weights-only torch "
@@ -114,6 +181,11 @@ class DistillCLI(LightningCLI):
                     file=sys.stderr,
                 )
                 raise SystemExit(2) from err
+            # Its hyperparameters may switch the model class: only to a module they fully describe.
+            model_config = self.config[subcommand].get("model") or Namespace()
+            problem = checkpoint_module_error(checkpoint, path, model_config.get("class_path"))
+            if problem:
+                raise SystemExit(_error(problem))
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Values that must agree are linked, not typed twice: a one-cycle schedule spans the run.
@@ -123,6 +195,9 @@ class DistillCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
+        root = trainer.default_root_dir or "."
+        if self.subcommand == "fit":
+            self._add_run_checkpoint(config, root)
         # One run folder: logs go under default_root_dir unless a logger is configured.
         if trainer.get("logger") in (None, True):
             trainer.logger = Namespace(
@@ -136,6 +211,40 @@ class DistillCLI(LightningCLI):
             raise SystemExit(
                 _error("OneCycleLR runs for trainer.max_steps: set trainer.max_steps to a positive number")
             )
+
+    @staticmethod
+    def _add_run_checkpoint(config: Namespace, root: str) -> None:
+        """Every fit keeps ``<root>/checkpoints/last.ckpt`` (``RunCheckpoint``); ``--ckpt_path last`` reads it."""
+        callbacks = config.trainer.get("callbacks") or []
+        class_paths = [c.get("class_path", "") for c in callbacks if isinstance(c, Namespace)]
+        if not any(path.endswith("RunCheckpoint") for path in class_paths):
+            callbacks.append(Namespace(class_path=_RUN_CHECKPOINT, init_args=Namespace(every_n_train_steps=None)))
+            config.trainer.callbacks = callbacks
+            if not any(path.endswith("ModelCheckpoint") for path in class_paths):
+                config.trainer.enable_checkpointing = False  # no second, default ModelCheckpoint
+        if config.get("ckpt_path") == "last":
+            path = last_checkpoint(root)
+            if not path.is_file():
+                raise SystemExit(_error(f"nothing to resume: {path} does not exist (trainer.default_root_dir={root})"))
+            config.ckpt_path = str(path)
+
+    def before_fit(self) -> None:
+        # Output folders are checked now, not when the first file is written after training.
+        try:
+            check_writable_dir(self.trainer.default_root_dir, "trainer.default_root_dir")
+            for key, folder in self.model.output_dirs().items():
+                check_writable_dir(folder, f"model {key}")
+        except ValueError as err:
+            raise SystemExit(_error(err)) from err
+
+    def fit(self, model: VisionLanguageTask, **kwargs: Any) -> None:
+        """``distill fit``: Lightning's fit; a non-finite loss ends it in one line, keeping the last checkpoint."""
+        try:
+            self.trainer.fit(model, **kwargs)
+        except FloatingPointError as err:
+            kept = last_checkpoint(self.trainer.default_root_dir)
+            note = f"; the last good checkpoint is {kept}" if kept.is_file() else "; no checkpoint was written before"
+            raise SystemExit(_error(f"{err} at step {self.trainer.global_step}{note}")) from err
 
     def instantiate_classes(self) -> None:
         try:
@@ -164,6 +273,7 @@ def main(args: list[str] | None = None) -> DistillCLI:
         VisionLanguageTask,
         VisionLanguageDataModule,
         trainer_class=DistillTrainer,
+        parser_class=DistillArgumentParser,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},

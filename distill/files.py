@@ -111,3 +111,26 @@ def atomic_dir(target_dir: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def check_writable_dir(folder: str | os.PathLike, what: str) -> Path:
+    """Fail now, in one line, when ``folder`` could not be created or written to later.
+
+    Nothing is created: the nearest existing ancestor must be a writable folder.
+
+    Args:
+        folder: the output folder (it may not exist yet).
+        what: the setting that names it, for the message (e.g. ``trainer.default_root_dir``).
+
+    Raises:
+        ValueError: ``folder`` or an ancestor is a file, or the first existing ancestor is not writable.
+    """
+    path = Path(folder).expanduser().absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {folder} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {folder} is not writable ({existing} denies writing)")
+    return path

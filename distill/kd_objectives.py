@@ -9,7 +9,8 @@ whose ``forward(outputs)`` returns the unweighted scalar loss, combined with
 * ``logit_scale``: the student's exponentiated temperature (dual towers), else the teacher's;
 * ``teacher_image_embeds`` / ``teacher_text_embeds`` (N, D): the teacher's, L2-normalised;
 * ``teacher_logit_scale``: the teacher's exponentiated temperature;
-* ``class_bank`` (C, D): the teacher's zero-shot classifier; ``labels`` (N,) class indices.
+* ``class_bank`` (C, D): the teacher's zero-shot classifier; ``labels`` (N,) class indices, -1
+  for items without a class (kept for retrieval only): the label losses leave those out.
 
 Families of CLIP distillation: feature mimicry (:class:`FeatureDistillation`), relational /
 affinity KD (:class:`AffinityDistillation`, CLIP-KD's CRD, TinyCLIP's affinity mimicking),
@@ -173,7 +174,8 @@ class LogitDistillation(SimilarityObjective):
     """Logit KD on the zero-shot classifier: temperature-scaled KL, times T squared (Hinton).
 
     Student logits ``s_t * S_img @ bank.T``, teacher logits ``s_t * T_img @ bank.T`` with
-    the teacher's logit scale ``s_t`` and class bank (C, D).
+    the teacher's logit scale ``s_t`` and class bank (C, D). It reads no labels, so items without
+    a class (label -1) take part like the others: the teacher's soft prediction is their target.
 
     Args:
         weight: multiplier applied by ``weighted_sum``.
@@ -208,7 +210,8 @@ class LabelCrossEntropy(Objective):
     """The labelled task: cross entropy of the student's zero-shot logits on the teacher's class bank.
 
     Logits ``s_t * S_img @ bank.T``; the classifier is the teacher's text class bank, so a
-    student trained on labels alone is evaluated exactly like the distilled ones.
+    student trained on labels alone is evaluated exactly like the distilled ones. Items without
+    a class (label -1) are left out of the mean; a batch with none labelled gives 0.
 
     Args:
         weight: multiplier applied by ``weighted_sum``.
@@ -225,7 +228,12 @@ class LabelCrossEntropy(Objective):
     def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         bank, scale = self._get(outputs, "class_bank"), self._get(outputs, "teacher_logit_scale")
         logits = scale * self._get(outputs, "image_embeds") @ bank.T
-        return F.cross_entropy(logits, self._get(outputs, "labels"), label_smoothing=self.label_smoothing)
+        labels = self._get(outputs, "labels")
+        # No host sync: a batch without labels scores stand-in label 0, times 0 (a NaN input stays NaN).
+        any_labelled = (labels >= 0).any()
+        labels = torch.where(any_labelled, labels, torch.zeros_like(labels))
+        loss = F.cross_entropy(logits, labels, ignore_index=-1, label_smoothing=self.label_smoothing)
+        return loss * any_labelled.to(loss.dtype)
 
 
 class ClassTextAlignment(Objective):
@@ -233,6 +241,7 @@ class ClassTextAlignment(Objective):
 
     Mean of ``1 - cos(S_img, bank[label])``: VL2V-ADiP's alignment of the student's features
     with the teacher's text side (its image side is ``FeatureDistillation(loss="cosine")``).
+    Items without a class (label -1) are left out of the mean; a batch with none labelled gives 0.
 
     Args:
         weight: multiplier applied by ``weighted_sum``.
@@ -242,5 +251,9 @@ class ClassTextAlignment(Objective):
     default_name = "class_text_align"
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        target = self._get(outputs, "class_bank")[self._get(outputs, "labels")]
-        return (1 - F.cosine_similarity(self._get(outputs, "image_embeds"), target, dim=1)).mean()
+        labels = self._get(outputs, "labels")
+        target = self._get(outputs, "class_bank")[labels.clamp(min=0)]
+        rows = 1 - F.cosine_similarity(self._get(outputs, "image_embeds"), target, dim=1)
+        labelled = (labels >= 0).to(rows.dtype)
+        masked = (rows * labelled).sum() / labelled.sum().clamp(min=1)
+        return torch.where((labels >= 0).all(), rows.mean(), masked)  # the plain mean when all are labelled

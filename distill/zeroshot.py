@@ -149,18 +149,56 @@ def zero_shot_hits(
     Args:
         image_embeds: (N, D) image embeddings.
         class_bank: (C, D) class text embeddings; ``labels`` index its rows.
-        labels: (N,) class indices.
+        labels: (N,) class indices in ``[0, C)``. Items without a class (label -1) must be left
+            out by the caller (see ``labelled_items``): they have no right answer to score.
         eval_classes: rows of the bank the images are classified among (e.g. the novel classes
             of a base-to-novel split); all rows when None.
         ks: the k values.
 
     Returns:
         ``{k: (N,) bool}``.
+
+    Raises:
+        ValueError: a label is negative or not a row of the bank (never scored as another class).
     """
-    eval_classes = list(range(class_bank.shape[0])) if eval_classes is None else list(eval_classes)
-    position = torch.full((class_bank.shape[0],), -1, dtype=torch.long, device=labels.device)
+    num_classes = class_bank.shape[0]
+    if labels.numel():
+        negative = int((labels < 0).sum())
+        if negative:
+            raise ValueError(
+                f"zero_shot_hits: {negative} of {labels.numel()} labels are negative (items without a class); "
+                "leave them out before scoring, they have no class to be right about"
+            )
+        if int(labels.max()) >= num_classes:
+            raise ValueError(f"zero_shot_hits: label {int(labels.max())} is not a row of the {num_classes}-class bank")
+    eval_classes = list(range(num_classes)) if eval_classes is None else list(eval_classes)
+    position = torch.full((num_classes,), -1, dtype=torch.long, device=labels.device)
     position[torch.tensor(eval_classes, device=labels.device)] = torch.arange(len(eval_classes), device=labels.device)
+    # A label outside ``eval_classes`` maps to -1, which matches no top-k index: a miss, never a hit.
     return topk_correct_embeds(image_embeds.float(), class_bank.float()[eval_classes], position[labels], ks)
+
+
+def labelled_items(labels: torch.Tensor, allowed: bool, what: str = "items") -> torch.Tensor | None:
+    """The (N,) mask of items that have a class (label >= 0), or None when every item has one.
+
+    Args:
+        labels: (N,) class indices; -1 marks an item without a class.
+        allowed: whether the data declared such items (``allows_unlabelled`` of the datamodule).
+        what: how the error names the items (e.g. ``"test items"``).
+
+    Raises:
+        ValueError: items without a class that the data did not declare.
+    """
+    mask = labels >= 0
+    missing = labels.numel() - int(mask.sum())
+    if not missing:
+        return None
+    if not allowed:
+        raise ValueError(
+            f"{missing} of {labels.numel()} {what} have label -1 (no class) but the datamodule does not declare "
+            "items without a class (allows_unlabelled is False); they would be scored against a wrong class"
+        )
+    return mask
 
 
 def domain_accuracies(
@@ -184,26 +222,57 @@ def domain_accuracies(
     return results
 
 
-def retrieval_recall(images: torch.Tensor, texts: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+def retrieval_recall(
+    images: torch.Tensor, texts: torch.Tensor, ks: Sequence[int] = (1, 5), captions: Sequence[str] | None = None
+) -> dict[str, float]:
     """Image->text and text->image Recall@k of paired embeddings (row i of each is a pair).
 
     Ranks with the similarity engine's fused top-k, so no (N, N) matrix is formed.
+
+    Without ``captions`` a hit is the query's own pair. With ``captions`` (the caption string of
+    each pair) recall is computed per unique caption, which stays well defined when captions
+    repeat (e.g. one caption per class, whose identical embeddings tie): the text gallery holds
+    each distinct caption once, an image->text hit is a retrieved caption equal to the query
+    image's own caption; the text queries are the distinct captions, a text->image hit is a
+    retrieved image whose caption equals the query. When all captions differ this is exactly
+    the pairwise metric.
 
     Args:
         images: (N, D) L2-normalised image embeddings.
         texts: (N, D) L2-normalised caption embeddings, ``texts[i]`` describing ``images[i]``.
         ks: the k values.
+        captions: the N caption strings, or None.
 
     Returns:
         ``{"i2t_r<k>": ..., "t2i_r<k>": ...}`` as fractions in [0, 1].
     """
     n = images.shape[0]
-    k_max = min(max(ks), n)
-    paired = torch.arange(n, device=images.device)[:, None]
+    device = images.device
+    if captions is None:
+        caption_id, first = torch.arange(n, device=device), torch.arange(n, device=device)
+    else:
+        if len(captions) != n:
+            raise ValueError(f"retrieval_recall: {len(captions)} captions for {n} image-text pairs")
+        index_of: dict[str, int] = {}
+        firsts: list[int] = []  # the first pair of each distinct caption
+        for i, caption in enumerate(captions):
+            if caption not in index_of:
+                index_of[caption] = len(firsts)
+                firsts.append(i)
+        caption_id = torch.tensor([index_of[c] for c in captions], dtype=torch.long, device=device)
+        first = torch.tensor(firsts, dtype=torch.long, device=device)
+    unique_texts = texts if first.numel() == n else texts[first]
     out = {}
-    for name, queries, keys in (("i2t", images, texts), ("t2i", texts, images)):
+    for name, queries, keys, target in (
+        ("i2t", images, unique_texts, caption_id[:, None]),  # hit: the query image's own caption
+        ("t2i", unique_texts, images, None),  # hit: an image of the query caption
+    ):
+        k_max = min(max(ks), keys.shape[0])
         _, top = similarity_topk(queries.float(), keys.float(), k_max)
-        hits = top == paired
+        if target is None:
+            hits = caption_id[top] == torch.arange(queries.shape[0], device=device)[:, None]
+        else:
+            hits = top == target
         for k in ks:
             out[f"{name}_r{k}"] = hits[:, : min(k, k_max)].any(dim=1).float().mean().item()
     return out

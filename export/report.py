@@ -21,10 +21,21 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 def markdown_report(report: dict[str, Any]) -> str:
     """Render :func:`distill.export.pipeline.export_bundle`'s report as markdown."""
+    towers = report.get("towers", ["image"])
+    exported = " and ".join(towers) + (" towers" if len(towers) > 1 else " tower")
     lines = [
-        f"Export report: opset {report['opset']}, {report['num_eval_images']} task images, "
-        f"latency = median on this CPU; default bundle model: `{report.get('default_image_model', '-')}`.",
+        f"Export report: {report.get('module', 'model')} ({exported}), "
+        f"opset {report['opset']}, {report['num_eval_images']} task images, latency = median on this CPU "
+        "(ONNX variants timed interleaved).",
         "",
+    ]
+    if "default_image_model" in report:
+        lines += [
+            f"Default image model: `{report['default_image_model']}` ({report['default_image_model_reason']}). "
+            f"Rule: {report['default_image_model_rule']}.",
+            "",
+        ]
+    lines += [
         "| variant | size MiB | ms @ b1 | ms @ b32 | ID top-1 | OOD top-1 | max abs diff | min cosine | gate |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]

@@ -81,7 +81,7 @@ class EdgeClassifier:
     Args:
         bundle_dir: the folder ``distill export`` wrote.
         variant: image model variant (``fp32``, ``int8_dynamic``, ``int8_static``); the
-            bundle's default (the fastest that passed the parity gates) when None.
+            bundle's default (``default_image_model`` in bundle.json, with the rule that chose it) when None.
         threads: onnxruntime intra-op threads (0: onnxruntime's choice).
     """
 

@@ -107,6 +107,10 @@ class VisionLanguageTask(pl.LightningModule):
         parts (a teacher, loss modules) stay behind. The default is the module itself."""
         return self
 
+    def output_dirs(self) -> dict[str, str]:
+        """Folders the module writes to (``{"export_dir": ...}``), checked before training starts."""
+        return {}
+
     # Shared evaluation ---------------------------------------------------------------------
     def eval_outputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor | None]:
         """What evaluation reads: ``image_embeds`` (B, D) and ``text_embeds`` (B, D) or None."""

@@ -153,6 +153,9 @@ class ContrastiveModule(VisionLanguageTask):
         super().on_save_checkpoint(checkpoint)
         checkpoint[OPEN_CLIP_CKPT_KEY] = self.open_clip_config
 
+    def output_dirs(self) -> dict[str, str]:
+        return {"export_dir": self.export_dir} if self.export_dir else {}
+
     def on_fit_end(self) -> None:
         if self.export_dir and self.trainer.is_global_zero:
             self.export_open_clip(self.export_dir)

@@ -34,3 +34,9 @@ def tiny_local_dir(tmp_path):
     torch.manual_seed(0)
     bundle = build_clip(model_name=TINY_MODEL)
     return save_local_dir(bundle.model, bundle.model_config, bundle.preprocess_config, tmp_path / "tiny_teacher")
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_path(tmp_path, monkeypatch):
+    """Every test runs in its own folder: nothing a test writes (configs, logs) lands in the repo."""
+    monkeypatch.chdir(tmp_path)

@@ -117,6 +117,42 @@ def test_label_cross_entropy_and_class_text_alignment(outputs):
     torch.testing.assert_close(ClassTextAlignment()(o), (1 - (o["image_embeds"] * target).sum(1)).mean())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_label_losses_leave_out_items_without_a_class(outputs, dtype):
+    o = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in outputs.items()}
+    image = o["image_embeds"].requires_grad_()
+    bank, labels = o["class_bank"], o["labels"]
+
+    def old_ce(lab, smoothing=0.0):
+        return F.cross_entropy(o["teacher_logit_scale"] * image @ bank.T, lab, label_smoothing=smoothing)
+
+    def old_align(lab):
+        return (1 - F.cosine_similarity(image, bank[lab], dim=1)).mean()
+
+    # Every item labelled: bit-identical values and gradients (ShapesWorld runs do not change).
+    for new, old in (
+        (LabelCrossEntropy(), lambda: old_ce(labels)),
+        (LabelCrossEntropy(label_smoothing=0.1), lambda: old_ce(labels, 0.1)),
+        (ClassTextAlignment(), lambda: old_align(labels)),
+    ):
+        ours, ref = new(o), old()
+        assert torch.equal(ours, ref)
+        assert torch.equal(*(torch.autograd.grad(v, image)[0] for v in (ours, ref)))
+    # Two items without a class: the mean over the labelled ones (before: -1 indexed the last class).
+    part = dict(o, labels=torch.tensor([0, -1, 2, 3, -1, 1]))
+    keep = part["labels"] >= 0
+    labelled = dict(o, image_embeds=image[keep], labels=part["labels"][keep])
+    torch.testing.assert_close(LabelCrossEntropy()(part), LabelCrossEntropy()(labelled))
+    torch.testing.assert_close(ClassTextAlignment()(part), ClassTextAlignment()(labelled))
+    # No labelled item: 0 and finite gradients through weighted_sum; logit KD reads no labels.
+    none = dict(o, labels=torch.full((6,), -1))
+    total, terms = weighted_sum([LabelCrossEntropy(), ClassTextAlignment(), LogitDistillation()], none)
+    assert terms["label_ce"] == 0 and terms["class_text_align"] == 0
+    assert terms["logit_kd"] == LogitDistillation()(o)
+    total.backward()
+    assert torch.isfinite(image.grad).all()
+
+
 def test_names_and_validation():
     assert FeatureDistillation(loss="cosine").name == "fd_cosine"
     assert LogitDistillation().name == "logit_kd"

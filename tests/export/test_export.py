@@ -215,7 +215,7 @@ def test_distill_export_command_from_a_training_checkpoint(tmp_path, monkeypatch
         ["fit", *base, "--trainer.max_steps=2", "--trainer.default_root_dir=run", "--trainer.enable_progress_bar=false"]
     )
     ckpt = "student.ckpt"
-    cli.trainer.save_checkpoint(ckpt)
+    cli.trainer.save_checkpoint(ckpt, weights_only=True)
     export = [
         "export",
         *base,
