@@ -175,3 +175,27 @@ def test_model_and_data_must_be_distill_classes(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--model=lightning.pytorch.demos.boring_classes.BoringModel"])
     assert "VisionLanguageTask" in capsys.readouterr().err
+
+
+def test_config_typos_are_one_line_with_the_closest_names(tmp_path, capsys):
+    (tmp_path / "typo.yaml").write_text(
+        "data:\n  class_path: ImageTextDataModule\n  init_args:\n    train_cvs: a.csv\n"
+    )
+    cases = [
+        (
+            ["--config", str(tmp_path / "typo.yaml")],
+            "ImageTextDataModule has no option 'train_cvs'; did you mean 'train_csv'?",
+        ),
+        (["--trainer.max_stepz=3"], "unknown option 'trainer.max_stepz'; did you mean 'trainer.max_steps'"),
+        (
+            ["--trainer.max_step=3"],
+            "unknown option 'trainer.max_step'; did you mean 'trainer.max_steps'",
+        ),  # no abbreviations
+        (["--data=ShapesWorldDataModule", "--data.init_args.batch_size=0"], "batch_size must be a positive number"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--model=ContrastiveModule", "--model.init_args.model_name=tiny-rn-test", *args])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith("distill: error: ") and message in err
