@@ -58,8 +58,9 @@ class ModelIO:
         """
         if not isinstance(task, VisionLanguageTask):
             raise TypeError(f"distill datamodules feed a distill.modules.VisionLanguageTask; got {type(task).__name__}")
-        for name in ("preprocess_train", "preprocess_val"):
-            if getattr(task, name) is None:  # declared by the base task: None means "not set"
+        transforms = {"preprocess_train": task.preprocess_train, "preprocess_val": task.preprocess_val}
+        for name, transform in transforms.items():
+            if transform is None:  # declared by the base task: None means "not set"
                 raise ValueError(
                     f"{type(task).__name__} offers no {name}: set self.{name} (PIL image -> tensor) in its __init__"
                 )

@@ -17,11 +17,6 @@ logs to ``CSVLogger(save_dir=<trainer.default_root_dir>, name="logs")``, and the
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import inspect
-import re
-import sys
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -32,8 +27,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 # Imported so that their classes can be named without a module path in configs.
 import distill.callbacks  # noqa: F401
 from distill.callbacks.checkpoint import last_checkpoint
+from distill.cli_errors import checkpoint_module_error, condensed, fail
 from distill.datamodules import VisionLanguageDataModule
-from distill.export.command import Gates, Quantisation, checkpoint_module_error, run_export
+from distill.export.command import Gates, Quantisation, run_export
 from distill.files import check_writable_dir
 from distill.modules import VisionLanguageTask
 
@@ -50,53 +46,7 @@ class DistillArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> Any:
         if not self.exit_on_error:  # jsonargparse is trying alternatives: let it
             return super().error(message, ex)
-        print(f"distill: error: {_condensed(message, self)}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _condensed(message: str, parser: LightningArgumentParser) -> str:
-    """One line out of jsonargparse's multi-line message, with "did you mean" for unknown keys."""
-    unknown_init_arg = re.search(r"class_path '([\w.]+)':\s+Option '([^']+)' is not accepted", message)
-    if unknown_init_arg:
-        class_path, key = unknown_init_arg.groups()
-        module, _, name = class_path.rpartition(".")
-        known = list(inspect.signature(getattr(importlib.import_module(module), name)).parameters)
-        return f"{name} has no option {key!r}{_did_you_mean(key, known)}"
-    unknown = re.search(r"does not accept option '([^']+)'|unrecognized arguments: --?([^\s=]+)", message)
-    if unknown:
-        key = unknown.group(1) or unknown.group(2)
-        known = [a.dest for a in parser._actions] + [
-            f"{a.dest}.{k}" for a in parser._actions for k in getattr(a, "_option_names", [])
-        ]
-        return f"unknown option {key!r}{_did_you_mean(key, known)}"
-    return _union_errors(message) or "; ".join(line.strip() for line in message.splitlines()[:2] if line.strip())
-
-
-def _union_errors(message: str) -> str | None:
-    """The real reasons inside jsonargparse's "does not validate against any of the Union subtypes"."""
-    lines = message.splitlines()
-    if not any(line.strip() == "Errors:" for line in lines):
-        return None
-    start = next(i for i, line in enumerate(lines) if line.strip() == "Errors:") + 1
-    entries: list[list[str]] = []
-    for line in lines[start:]:
-        if line.strip().startswith("Given value"):
-            break
-        if line.strip().startswith("- "):
-            entries.append([line.strip()[2:]])
-        elif entries and line.strip():
-            entries[-1].append(line.strip())
-    reasons = [" ".join(e) for e in entries if "NoneType" not in " ".join(e)]
-    key = re.match(r'Parser key "([^"]+)"', message)
-    text = "; ".join(reasons)
-    text = re.sub(r"Problem with given class_path '(?:[\w]+\.)*(\w+)':", r"\1:", text)
-    text = re.sub(r'Parser key "([^"]+)":', r"\1:", text)
-    return f"{key.group(1)}: {text}" if key else text
-
-
-def _did_you_mean(key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise fail(condensed(message, [action.dest for action in self._actions]))
 
 
 class DistillTrainer(pl.Trainer):
@@ -175,17 +125,15 @@ class DistillCLI(LightningCLI):
             except FileNotFoundError:
                 return  # Lightning names the missing file itself
             except Exception as err:  # pickle, zip and format errors all mean "not a checkpoint"
-                print(
-                    f"distill: error: {path} is not a distill checkpoint (unreadable as a weights-only torch "
-                    f"checkpoint: {type(err).__name__})",
-                    file=sys.stderr,
-                )
-                raise SystemExit(2) from err
+                raise fail(
+                    f"{path} is not a distill checkpoint (unreadable as a weights-only torch checkpoint: "
+                    f"{type(err).__name__})"
+                ) from err
             # Its hyperparameters may switch the model class: only to a module they fully describe.
             model_config = self.config[subcommand].get("model") or Namespace()
             problem = checkpoint_module_error(checkpoint, path, model_config.get("class_path"))
             if problem:
-                raise SystemExit(_error(problem))
+                raise fail(problem)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Values that must agree are linked, not typed twice: a one-cycle schedule spans the run.
@@ -208,9 +156,7 @@ class DistillCLI(LightningCLI):
         scheduler = (config.model.get("init_args") or Namespace()).get("lr_scheduler")
         is_one_cycle = isinstance(scheduler, Namespace) and scheduler.get("class_path") == _ONE_CYCLE
         if is_one_cycle and (trainer.get("max_steps") or -1) < 1:
-            raise SystemExit(
-                _error("OneCycleLR runs for trainer.max_steps: set trainer.max_steps to a positive number")
-            )
+            raise fail("OneCycleLR runs for trainer.max_steps: set trainer.max_steps to a positive number")
 
     @staticmethod
     def _add_run_checkpoint(config: Namespace, root: str) -> None:
@@ -225,7 +171,7 @@ class DistillCLI(LightningCLI):
         if config.get("ckpt_path") == "last":
             path = last_checkpoint(root)
             if not path.is_file():
-                raise SystemExit(_error(f"nothing to resume: {path} does not exist (trainer.default_root_dir={root})"))
+                raise fail(f"nothing to resume: {path} does not exist (trainer.default_root_dir={root})")
             config.ckpt_path = str(path)
 
     def before_fit(self) -> None:
@@ -235,7 +181,7 @@ class DistillCLI(LightningCLI):
             for key, folder in self.model.output_dirs().items():
                 check_writable_dir(folder, f"model {key}")
         except ValueError as err:
-            raise SystemExit(_error(err)) from err
+            raise fail(err) from err
 
     def fit(self, model: VisionLanguageTask, **kwargs: Any) -> None:
         """``distill fit``: Lightning's fit; a non-finite loss ends it in one line, keeping the last checkpoint."""
@@ -244,7 +190,7 @@ class DistillCLI(LightningCLI):
         except FloatingPointError as err:
             kept = last_checkpoint(self.trainer.default_root_dir)
             note = f"; the last good checkpoint is {kept}" if kept.is_file() else "; no checkpoint was written before"
-            raise SystemExit(_error(f"{err} at step {self.trainer.global_step}{note}")) from err
+            raise fail(f"{err} at step {self.trainer.global_step}{note}") from err
 
     def instantiate_classes(self) -> None:
         try:
@@ -252,12 +198,7 @@ class DistillCLI(LightningCLI):
         except _USER_ERRORS as err:
             cause = _root_cause(err)
             message = cause.args[0] if isinstance(cause, KeyError) and cause.args else cause
-            raise SystemExit(_error(message)) from err
-
-
-def _error(message: object) -> int:
-    print(f"distill: error: {message}", file=sys.stderr)
-    return 2
+            raise fail(message) from err
 
 
 def _root_cause(err: BaseException) -> BaseException:

@@ -8,10 +8,6 @@ status 2, so ``distill fit`` / ``test`` work without them.
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -19,8 +15,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from distill import CHECKPOINT_MARKER
+from distill.cli_errors import fail
 from distill.datamodules.base import VisionLanguageDataModule
-from distill.modules.base import CHECKPOINT_MARKER, VisionLanguageTask
+from distill.modules.base import VisionLanguageTask
 
 if TYPE_CHECKING:
     from distill.export.parity import EvalSet
@@ -45,11 +43,6 @@ class Gates:
     fp32_max_abs_diff: float = 1e-4
     int8_max_top1_drop: float = 1.0
     allow_failed_int8: bool = False
-
-
-def _fail(message: str, status: int) -> SystemExit:
-    print(f"distill: {message}", file=sys.stderr)
-    return SystemExit(status)
 
 
 def run_export(
@@ -82,9 +75,8 @@ def run_export(
             load_bitsandbytes()
     except ImportError as err:
         missing = err.name or str(err)
-        raise _fail(
-            f"error: distill export needs the export extra (module {missing!r} is missing): "
-            "pip install 'distill[export]'",
+        raise fail(
+            f"distill export needs the export extra (module {missing!r} is missing): pip install 'distill[export]'",
             2,
         ) from err
     try:
@@ -114,9 +106,9 @@ def run_export(
             gates=gates,
         )
     except ParityError as err:
-        raise _fail(f"export failed a parity gate: {err}", 1) from err
+        raise fail(f"export failed a parity gate: {err}", 1, prefix="") from err
     except (ValueError, KeyError, FileNotFoundError) as err:
-        raise _fail(f"error: {err}", 2) from err
+        raise fail(err) from err
     print(markdown_report(report))
     print(f"edge bundle written to {output_dir}")
     return report
@@ -153,55 +145,6 @@ def eval_set_from_datamodule(
         classnames=classnames,
         eval_classes=list(datamodule.eval_class_indices),
     )
-
-
-def checkpoint_module_error(checkpoint: Any, path: str | Path, config_class_path: str | None) -> str | None:
-    """Why the module the command line builds could not take ``checkpoint``, in one line; None when it can.
-
-    LightningCLI applies a checkpoint's hyperparameters to the config before it builds the model:
-    when they name their class (``_class_path``, saved when the CLI built the module) it builds
-    that class from them, else it merges them into the config's model. A checkpoint of another
-    module than the config's therefore works only when it names its class and holds every
-    argument that class needs: a ContrastiveModule or ZeroShotModule does (``distill export``
-    then exports it, both towers), a DistillationModule does not (its teacher and student are
-    not saved in it).
-
-    Args:
-        checkpoint: the checkpoint as ``torch.load(..., weights_only=True)`` returns it.
-        path: its file, for the message.
-        config_class_path: the config's ``model.class_path``.
-    """
-    if not isinstance(checkpoint, Mapping):
-        return f"{path} is not a distill checkpoint: it holds a {type(checkpoint).__name__}, not a checkpoint dict"
-    hparams = checkpoint.get("hyper_parameters") or {}
-    marker = checkpoint.get(CHECKPOINT_MARKER) or {}
-    ckpt_class = hparams.get("_class_path") if isinstance(hparams, Mapping) else None
-    written_by = marker.get("module") if isinstance(marker, Mapping) else None
-    written_by = written_by or (ckpt_class.rsplit(".", 1)[-1] if ckpt_class else None)
-    config_class = (config_class_path or "").rsplit(".", 1)[-1]
-    if written_by is None or not config_class or written_by == config_class:
-        return None
-    mismatch = f"{path} holds a {written_by} but the config builds a {config_class}"
-    advice = "pass the --config files the checkpoint was trained with"
-    if not ckpt_class:
-        return f"{mismatch}: {advice}"
-    missing = sorted(_required_arguments(ckpt_class) - set(hparams))
-    if missing:
-        unsaved = ", ".join(missing)
-        return f"{mismatch}, and the checkpoint cannot rebuild a {written_by} ({unsaved} not saved): {advice}"
-    return None
-
-
-def _required_arguments(class_path: str) -> set[str]:
-    """Names of the ``__init__`` arguments without a default of the class at ``class_path``."""
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return set()  # Lightning names a class it cannot import itself
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
-    return {p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty}
 
 
 def load_checkpoint(model: VisionLanguageTask, path: str | Path) -> None:

@@ -28,10 +28,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 import distill
+from distill import CHECKPOINT_MARKER
 from distill.zeroshot import build_class_bank
-
-#: Key of the marker every distill checkpoint carries: ``{"module": class name, "version": ...}``.
-CHECKPOINT_MARKER = "distill"
 
 
 class VisionLanguageTask(pl.LightningModule):

@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from distill.cli import main
+from distill.modules import DistillationModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(ROOT.glob("configs/**/*.yaml"))
@@ -150,7 +151,7 @@ def test_every_config_runs_and_writes_what_it_says(command, tmp_path, monkeypatc
         if subcommand == "fit":
             assert {"train/loss", "val/id_top1"} <= columns
             assert ("val/ood_top1" in columns) == bool(cli.datamodule.ood_domains)
-            align_steps = getattr(cli.model, "align_steps", 0)
+            align_steps = cli.model.align_steps if isinstance(cli.model, DistillationModule) else 0
             for step in range(cli.trainer.global_step):  # every objective of each step's stage is logged
                 stage = cli.model.align_objectives if step < align_steps else cli.model.objectives
                 assert {f"train/loss_{o.name}" for o in stage} <= columns

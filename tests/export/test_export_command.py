@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from distill.cli_errors import checkpoint_module_error
 from distill.datamodules import ShapesWorldDataModule
-from distill.export.command import checkpoint_module_error, eval_set_from_datamodule
+from distill.export.command import eval_set_from_datamodule
 from distill.export.pipeline import (
     DEFAULT_MODEL_MAX_LATENCY_RATIO,
     choose_default_image_model,
