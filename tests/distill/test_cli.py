@@ -150,7 +150,7 @@ def test_unknown_timm_student_is_one_clear_line(tmp_path, monkeypatch, capsys, t
     assert "distill: error: unknown timm model name 'mobilenetv9_tiny'" in err
 
 
-def test_one_cycle_length_and_log_folder_come_from_the_trainer(tmp_path, monkeypatch):
+def test_one_cycle_length_and_log_folder_come_from_the_trainer(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = [
         "--model=ContrastiveModule",
@@ -169,6 +169,7 @@ def test_one_cycle_length_and_log_folder_come_from_the_trainer(tmp_path, monkeyp
     assert cli.trainer.logger.log_dir == str(Path("onecycle") / "logs" / "version_0")
     with pytest.raises(SystemExit):
         main(["fit", *args, "--trainer.max_steps=-1"])
+    assert "OneCycleLR runs for trainer.max_steps: set trainer.max_steps" in capsys.readouterr().err
 
 
 def test_model_and_data_must_be_distill_classes(capsys):
