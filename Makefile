@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEACHER := runs/demo/teacher/open_clip
 DEMO_RECIPE ?= vl2v_adip+augment
+DEMO_ADAPT ?= lora
+SPLITS := runs/data/shapesworld
 
 .PHONY: venv test demo clean
 
@@ -30,6 +32,9 @@ demo: venv
 		$(BIN)/distill fit --config configs/demo/base.yaml --config configs/demo/teacher.yaml; \
 	fi
 	$(BIN)/distill test --config configs/demo/base.yaml --config configs/demo/teacher_eval.yaml
+	@test -f $(SPLITS)/split_zhou_ShapesWorld.json || $(BIN)/python -m distill.shapesworld_splits --root $(SPLITS)
+	$(BIN)/python benchmarks/adapt_report.py --methods '[$(DEMO_ADAPT)]' --seeds '[1]' --shots '[]' --distil false \
+		--out runs/demo/adapt
 	$(BIN)/python benchmarks/distill_report.py --recipes '[$(DEMO_RECIPE)]' --seeds '[0]' --max_steps 300 \
 		--extra_args '["--model.init_args.align_steps=150"]' --out runs/demo/report
 	$(BIN)/python benchmarks/export_report.py --recipe $(DEMO_RECIPE) --runs runs/demo/report --out runs/demo/export

@@ -12,7 +12,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from distill.datamodules.base import VisionLanguageDataModule
 from distill.files import atomic_write_json
 from distill.modules.base import VisionLanguageTask
-from distill.zeroshot import domain_accuracies, labelled_items, load_descriptors, retrieval_recall, zero_shot_hits
+from distill.zeroshot import (
+    domain_accuracies,
+    labelled_items,
+    load_descriptors,
+    logit_hits,
+    retrieval_recall,
+    zero_shot_hits,
+)
 
 
 class ZeroShotEvaluation(pl.Callback):
@@ -22,7 +29,8 @@ class ZeroShotEvaluation(pl.Callback):
     ``image_embeds`` (B, D) and, for retrieval, ``text_embeds`` (B, D)) and datamodule
     (``VisionLanguageDataModule``: ``classnames``, ``templates``, ``domain_names``,
     ``id_domains``, ``ood_domains``, ``eval_class_indices``). The classifier is the module's
-    ``class_bank(classnames, templates)``.
+    ``class_bank(classnames, templates)``, or its ``image_conditioned_logits`` when the module's
+    classifier depends on each image (``image_conditioned``, e.g. CoCoOp).
 
     Logged keys (``<stage>`` is ``val`` or ``test``): ``<stage>/top1_<domain>``,
     ``<stage>/top5_<domain>``, ``<stage>/id_top1``, ``<stage>/ood_top1`` (means over domains),
@@ -199,9 +207,14 @@ class ZeroShotEvaluation(pl.Callback):
     ) -> dict[str, float]:
         was_training = pl_module.training
         pl_module.eval()
-        bank = self._class_bank(pl_module, datamodule).float()
+        if pl_module.image_conditioned:  # CoCoOp: one classifier per image
+            templates = self.templates or datamodule.templates
+            logits = pl_module.image_conditioned_logits(images, datamodule.classnames, templates)
+            hits = logit_hits(logits, labels, datamodule.eval_class_indices, self.top_k)
+        else:
+            bank = self._class_bank(pl_module, datamodule).float()
+            hits = zero_shot_hits(images, bank, labels, datamodule.eval_class_indices, self.top_k)
         pl_module.train(was_training)
-        hits = zero_shot_hits(images, bank, labels, datamodule.eval_class_indices, self.top_k)
         return domain_accuracies(hits, domains, datamodule.domain_names, datamodule.id_domains, datamodule.ood_domains)
 
     def _report(self, trainer: pl.Trainer, stage: str, results: dict[str, float], counts: dict[str, int]) -> None:

@@ -1,7 +1,14 @@
-"""LightningDataModules: ShapesWorld (the embedded default) and image-text files, on one base."""
+"""LightningDataModules: ShapesWorld (the embedded default), image-text files and CoOp split files, on one base."""
 
 from distill.datamodules.base import ModelIO, VisionLanguageDataModule
 from distill.datamodules.image_text_datamodule import ImageTextDataModule
 from distill.datamodules.shapesworld_datamodule import ShapesWorldDataModule
+from distill.datamodules.split_file_datamodule import SplitFileDataModule
 
-__all__ = ["ImageTextDataModule", "ModelIO", "ShapesWorldDataModule", "VisionLanguageDataModule"]
+__all__ = [
+    "ImageTextDataModule",
+    "ModelIO",
+    "ShapesWorldDataModule",
+    "SplitFileDataModule",
+    "VisionLanguageDataModule",
+]

@@ -145,6 +145,12 @@ class VisionLanguageDataModule(pl.LightningDataModule):
         return list(range(len(self.classnames)))
 
     @property
+    def train_class_indices(self) -> list[int]:
+        """Labels the training split contains (default: all); adaptation classifies among these while
+        training (e.g. the base classes of a base-to-novel split)."""
+        return list(range(len(self.classnames)))
+
+    @property
     def allows_unlabelled(self) -> bool:
         """Whether items may have no class (``label == -1``): kept for retrieval and label-free losses,
         left out of every classification metric. When False, a -1 label reaching evaluation is an error."""

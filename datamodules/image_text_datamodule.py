@@ -123,7 +123,7 @@ def read_pairs_csv(
     if path.suffix.lower() in (".json", ".jsonl") or text.lstrip()[:1] in ("{", "["):
         raise ValueError(
             f"{path} is a JSON file (a CoOp/Dassl-style split file?), but ImageTextDataModule reads CSV files: "
-            f"{expected}. Split-file support comes with the adaptation datamodule."
+            f"{expected}. Read CoOp split files with SplitFileDataModule."
         )
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows, lines = [], []

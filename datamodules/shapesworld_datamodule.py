@@ -123,7 +123,8 @@ class ShapesWorldDataModule(VisionLanguageDataModule):
         train_domains: domains seen in training (default: all). Known domains: flat, outline,
             texture, shaded, sketch, pixel, night.
         ood_domains: held-out domains evaluated as OOD (default: every domain not trained on).
-        task: ``shape`` (16 classes) or ``shape_colour`` (shape x colour classes).
+        task: ``shape`` (16 classes), ``shape_colour`` (shape x colour), ``shape_size`` (shape x
+            3 sizes) or ``shape_position`` (shape x 5 positions); see ``distill.shapesworld.class_names``.
         train_classes: class split trained on: ``all``, ``base`` (first half of the sorted
             class names) or ``novel`` (the rest).
         eval_classes: class split evaluated on (default: same as ``train_classes``).
@@ -146,7 +147,7 @@ class ShapesWorldDataModule(VisionLanguageDataModule):
         self,
         train_domains: list[str] | None = None,
         ood_domains: list[str] | None = None,
-        task: Literal["shape", "shape_colour"] = "shape",
+        task: Literal["shape", "shape_colour", "shape_size", "shape_position"] = "shape",
         train_classes: ClassSplit = "all",
         eval_classes: ClassSplit | None = None,
         image_size: int = 64,
@@ -212,6 +213,11 @@ class ShapesWorldDataModule(VisionLanguageDataModule):
     def eval_class_indices(self) -> list[int]:
         """Labels that evaluation splits contain (the zero-shot classifier covers these)."""
         return self.eval_labels
+
+    @property
+    def train_class_indices(self) -> list[int]:
+        """Labels the training split contains (``train_classes``)."""
+        return self.train_labels
 
     @property
     def templates(self) -> list[str]:

@@ -144,7 +144,7 @@ class DistillCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
         root = trainer.default_root_dir or "."
-        if self.subcommand == "fit":
+        if self.subcommand in ("fit", None):  # None: run=False, a script that will fit
             self._add_run_checkpoint(config, root)
         # One run folder: logs go under default_root_dir unless a logger is configured.
         if trainer.get("logger") in (None, True):
@@ -208,8 +208,12 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
-def main(args: list[str] | None = None) -> DistillCLI:
-    """Run the ``distill`` command line (``args`` for programmatic and test use)."""
+def main(args: list[str] | None = None, run: bool = True) -> DistillCLI:
+    """Run the ``distill`` command line (``args`` for programmatic and test use).
+
+    With ``run=False`` the CLI only builds the trainer, model and datamodule (``args`` then name
+    no subcommand), for scripts that drive the Trainer themselves.
+    """
     return DistillCLI(
         VisionLanguageTask,
         VisionLanguageDataModule,
@@ -219,6 +223,7 @@ def main(args: list[str] | None = None) -> DistillCLI:
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 

@@ -24,10 +24,10 @@ from PIL import Image, ImageFilter
 
 from distill._shapes_geometry import _mask, _outline, _place, _sketch_mask, _stroke_mask
 from distill.files import atomic_write
+from distill.shapesworld_text import POSITION_PHRASES, caption
 
 # Words live in shapesworld_text; ZERO_SHOT_TEMPLATES is part of this module's public API.
 from distill.shapesworld_text import ZERO_SHOT_TEMPLATES as ZERO_SHOT_TEMPLATES
-from distill.shapesworld_text import caption
 
 SHAPES: tuple[str, ...] = (
     "circle",
@@ -75,7 +75,8 @@ POSITIONS: dict[str, tuple[float, float]] = {
 DOMAINS: tuple[str, ...] = ("flat", "outline", "texture", "shaded", "sketch", "pixel", "night")
 """Visual domains (styles), in domain-index order."""
 
-TASKS: tuple[str, ...] = ("shape", "shape_colour")
+TASKS: tuple[str, ...] = ("shape", "shape_colour", "shape_size", "shape_position")
+"""What an item's label names: its shape, shape and colour, shape and size, or shape and position."""
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
@@ -104,13 +105,20 @@ def class_names(task: str = "shape", num_colours: int = len(COLOURS)) -> list[st
     """Class names of a task, in label order.
 
     Args:
-        task: ``"shape"`` (16 classes) or ``"shape_colour"`` (shapes x colours).
+        task: ``"shape"`` (16 classes), ``"shape_colour"`` (shapes x colours, "red circle"),
+            ``"shape_size"`` (shapes x 3 sizes, "small circle") or ``"shape_position"``
+            (shapes x 5 positions, "circle on the left").
         num_colours: how many of the colours are used.
     """
     if task == "shape":
         return list(SHAPES)
     if task == "shape_colour":
         return [f"{c} {s}" for s in SHAPES for c in list(COLOURS)[:num_colours]]
+    if task == "shape_size":
+        return [f"{z} {s}" for s in SHAPES for z in SIZES]
+    if task == "shape_position":
+        # The canonical (first) caption phrase of each position names the class.
+        return [f"{s} {POSITION_PHRASES[p][0]}" for s in SHAPES for p in POSITIONS]
     raise ValueError(f"unknown ShapesWorld task {task!r}; choose one of {TASKS}")
 
 
@@ -231,16 +239,22 @@ def render(
         label = int(rng.integers(len(names)))
     if not 0 <= label < len(names):
         raise ValueError(f"label {label} out of range for task {task!r} ({len(names)} classes)")
-    if task == "shape":
-        shape, colour = names[label], colours[int(rng.integers(num_colours))]
-    else:
+    if task == "shape_colour":
         shape, colour = SHAPES[label // num_colours], colours[label % num_colours]
+    else:
+        per_shape = len(names) // len(SHAPES)
+        shape, colour = SHAPES[label // per_shape], colours[int(rng.integers(num_colours))]
     domain = int(rng.integers(len(DOMAINS))) if domain is None else int(domain)
     if not 0 <= domain < len(DOMAINS):
         raise ValueError(f"domain index {domain} out of range; there are {len(DOMAINS)} domains")
     domain_name = DOMAINS[domain]
     size_name = SIZES[int(rng.integers(len(SIZES)))]
     position = list(POSITIONS)[int(rng.integers(len(POSITIONS)))]
+    # Size and position are drawn for every task (same random stream), then set by the label.
+    if task == "shape_size":
+        size_name = SIZES[label % len(SIZES)]
+    elif task == "shape_position":
+        position = list(POSITIONS)[label % len(POSITIONS)]
     radius = rng.uniform(*_SIZE_RADIUS[size_name]) * image_size
     centre = (np.asarray(POSITIONS[position]) + rng.uniform(-0.04, 0.04, 2)) * image_size
     angle = rng.uniform(-0.26, 0.26)  # small tilt only: a rotated cross must stay a cross

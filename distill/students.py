@@ -18,6 +18,7 @@ import copy
 import difflib
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import open_clip
@@ -28,6 +29,7 @@ from timm.data import create_transform, resolve_data_config
 from torch import nn
 
 from distill.clip_models import build_clip, check_model_name, load_model_config
+from distill.lora import LoraSpec, apply_lora
 
 
 def check_timm_name(model_name: str) -> str:
@@ -157,6 +159,10 @@ class OpenClipStudent(Student):
         aug_cfg: open_clip training augmentation (None: no augmentation, see ``TimmStudent``).
         model_name: an open_clip architecture name instead of ``model_config``, e.g. the
             registered ``shapes-rn-student``; its config is used, the weights start random.
+        init_from: a pretrained open_clip ``local-dir`` folder to start from instead of random
+            weights (its architecture; its ``embed_dim`` must be the teacher's).
+        lora: LoRA adapters (``distill.lora.LoraSpec``): train only adapters on a frozen
+            pretrained student (PromptKD-style parameter-efficient distillation); needs ``init_from``.
     """
 
     def __init__(
@@ -165,8 +171,15 @@ class OpenClipStudent(Student):
         model_config: dict | str | None = None,
         aug_cfg: dict | None = None,
         model_name: str | None = None,
+        init_from: str | None = None,
+        lora: LoraSpec | None = None,
     ) -> None:
         super().__init__(embed_dim)
+        if init_from is not None:
+            self._init_pretrained(init_from, aug_cfg, lora, model_name, model_config)
+            return
+        if lora is not None:
+            raise ValueError("OpenClipStudent: LoRA adapts pretrained weights; give init_from (a local-dir folder)")
         if model_name is None and model_config is None:
             raise ValueError("OpenClipStudent needs model_name (an open_clip name) or model_config")
         if model_name is not None and model_config is not None:
@@ -186,6 +199,27 @@ class OpenClipStudent(Student):
         cfg["embed_dim"] = embed_dim
         bundle = build_clip(model_config=cfg, aug_cfg=aug_cfg)
         self.model = bundle.model
+        self.tokenizer = bundle.tokenizer
+        self.preprocess_val = bundle.preprocess_val
+        self.preprocess_train = bundle.preprocess_train if aug_cfg is not None else bundle.preprocess_val
+        self.model_config, self.preprocess_config = bundle.model_config, bundle.preprocess_config
+
+    def _init_pretrained(self, folder: str, aug_cfg: dict | None, lora: LoraSpec | None, model_name, model_config):
+        if model_name is not None or model_config is not None:
+            raise ValueError("OpenClipStudent: init_from carries its own architecture; drop model_name/model_config")
+        if not Path(folder, "open_clip_config.json").is_file():
+            raise FileNotFoundError(f"OpenClipStudent init_from: {folder} is not an open_clip local-dir folder")
+        bundle = build_clip(model_name=f"local-dir:{folder}", aug_cfg=aug_cfg)
+        width = int(bundle.model_config["embed_dim"])
+        if width != self.embed_dim:
+            raise ValueError(
+                f"OpenClipStudent init_from {folder} embeds into {width} dimensions but the teacher into "
+                f"{self.embed_dim}: a pretrained student must share the teacher's width"
+            )
+        self.model = bundle.model
+        if lora is not None:
+            self.model.requires_grad_(False)
+            apply_lora(self.model, lora)
         self.tokenizer = bundle.tokenizer
         self.preprocess_val = bundle.preprocess_val
         self.preprocess_train = bundle.preprocess_train if aug_cfg is not None else bundle.preprocess_val

@@ -54,6 +54,9 @@ class Teacher(nn.Module):
             or a folder holding ``open_clip_config.json``.
         model_config: open_clip model config (dict or JSON file) for a custom architecture.
         cache_dir: cache folder in which pretrained tags are looked up.
+        prompts: a prompt file written by ``AdaptationModule`` (``prompts.pt``) for this model: the
+            learned context replaces the templates of the class bank (and, for deep prompts, also
+            prompts the image tower). Image-conditioned learners (CoCoOp) cannot be a fixed teacher.
     """
 
     def __init__(
@@ -63,11 +66,22 @@ class Teacher(nn.Module):
         checkpoint: str | None = None,
         model_config: dict | str | None = None,
         cache_dir: str | None = None,
+        prompts: str | None = None,
     ) -> None:
         super().__init__()
-        self.bundle = _load(model_name, pretrained, checkpoint, model_config, cache_dir)
+        self.bundle = load_clip(model_name, pretrained, checkpoint, model_config, cache_dir)
         self.model = self.bundle.model
-        self.model.requires_grad_(False)
+        self.prompt_learner = None
+        if prompts is not None:
+            from distill.prompt_files import load_prompt_file
+
+            self.prompt_learner = load_prompt_file(prompts, self.model, self.bundle.tokenizer)
+            if self.prompt_learner.image_conditioned:
+                raise ValueError(
+                    f"{prompts}: {type(self.prompt_learner).__name__} conditions its class features on each image; "
+                    "a teacher needs one fixed class bank (use CoOp, deep prompts or LoRA)"
+                )
+        self.requires_grad_(False)
         self.eval()
         self._bank_cache: dict[tuple, torch.Tensor] = {}
 
@@ -107,6 +121,8 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Embed (N, 3, H, W) preprocessed images into (N, D) L2-normalised vectors."""
+        if self.prompt_learner is not None:
+            return self.prompt_learner.encode_image(images, normalize=normalize)
         return self.model.encode_image(images, normalize=normalize)
 
     @torch.no_grad()
@@ -134,12 +150,24 @@ class Teacher(nn.Module):
             None if descriptors is None else tuple((k, tuple(v)) for k, v in sorted(descriptors.items())),
         )
         device = self.model.logit_scale.device
+        if key not in self._bank_cache and self.prompt_learner is not None:
+            if descriptors is not None:
+                raise ValueError("class descriptors extend templates; this teacher's prompts are learned")
+            self.prompt_learner.set_classnames(list(classnames))
+            self._bank_cache[key] = self.prompt_learner.class_text_features().detach()
         if key not in self._bank_cache:
             self._bank_cache[key] = build_class_bank(self, self.tokenize, classnames, templates, descriptors, device)
         return self._bank_cache[key].to(device)
 
 
-def _load(model_name, pretrained, checkpoint, model_config, cache_dir) -> ClipBundle:
+def load_clip(
+    model_name: str | None = None,
+    pretrained: str | None = None,
+    checkpoint: str | None = None,
+    model_config: dict | str | None = None,
+    cache_dir: str | None = None,
+) -> ClipBundle:
+    """An open_clip model from the sources a :class:`Teacher` takes (its Args say which combine)."""
     if checkpoint is None:
         return build_clip(model_name=model_name, pretrained=pretrained, model_config=model_config, cache_dir=cache_dir)
     path = Path(checkpoint)

@@ -161,21 +161,36 @@ def zero_shot_hits(
     Raises:
         ValueError: a label is negative or not a row of the bank (never scored as another class).
     """
-    num_classes = class_bank.shape[0]
+    positions, eval_classes = _eval_positions(labels, class_bank.shape[0], eval_classes, "zero_shot_hits")
+    return topk_correct_embeds(image_embeds.float(), class_bank.float()[eval_classes], positions, ks)
+
+
+def logit_hits(
+    logits: torch.Tensor, labels: torch.Tensor, eval_classes: Sequence[int] | None = None, ks: Sequence[int] = (1, 5)
+) -> dict[int, torch.Tensor]:
+    """``zero_shot_hits`` from (N, C) class scores (an image-conditioned classifier's)."""
+    positions, eval_classes = _eval_positions(labels, logits.shape[1], eval_classes, "logit_hits")
+    return topk_correct(logits.float()[:, eval_classes], positions, ks)
+
+
+def _eval_positions(
+    labels: torch.Tensor, num_classes: int, eval_classes: Sequence[int] | None, caller: str
+) -> tuple[torch.Tensor, list[int]]:
+    """Each label's position among ``eval_classes`` (-1 when outside), after checking the labels."""
     if labels.numel():
         negative = int((labels < 0).sum())
         if negative:
             raise ValueError(
-                f"zero_shot_hits: {negative} of {labels.numel()} labels are negative (items without a class); "
+                f"{caller}: {negative} of {labels.numel()} labels are negative (items without a class); "
                 "leave them out before scoring, they have no class to be right about"
             )
         if int(labels.max()) >= num_classes:
-            raise ValueError(f"zero_shot_hits: label {int(labels.max())} is not a row of the {num_classes}-class bank")
+            raise ValueError(f"{caller}: label {int(labels.max())} is not a row of the {num_classes}-class bank")
     eval_classes = list(range(num_classes)) if eval_classes is None else list(eval_classes)
     position = torch.full((num_classes,), -1, dtype=torch.long, device=labels.device)
     position[torch.tensor(eval_classes, device=labels.device)] = torch.arange(len(eval_classes), device=labels.device)
     # A label outside ``eval_classes`` maps to -1, which matches no top-k index: a miss, never a hit.
-    return topk_correct_embeds(image_embeds.float(), class_bank.float()[eval_classes], position[labels], ks)
+    return position[labels], eval_classes
 
 
 def labelled_items(labels: torch.Tensor, allowed: bool, what: str = "items") -> torch.Tensor | None:

@@ -99,6 +99,18 @@ class VisionLanguageTask(pl.LightningModule):
             )
         return build_class_bank(self, self.tokenizer, classnames, templates, descriptors, self.device)
 
+    @property
+    def image_conditioned(self) -> bool:
+        """Whether the classifier depends on each image (CoCoOp): evaluation then asks
+        ``image_conditioned_logits`` instead of ``class_bank``."""
+        return False
+
+    def image_conditioned_logits(
+        self, image_embeds: torch.Tensor, classnames: Sequence[str], templates: Sequence[str]
+    ) -> torch.Tensor:
+        """(N, D) image embeddings -> (N, C) class scores, for modules with ``image_conditioned``."""
+        raise NotImplementedError(f"{type(self).__name__} has a fixed class bank: use class_bank")
+
     def export_network(self) -> nn.Module:
         """The network ``distill export`` writes as ONNX: its ``encode_image`` (and
         ``encode_text`` when ``has_text_tower``) become the exported graphs. Training-only

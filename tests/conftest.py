@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -40,3 +41,10 @@ def tiny_local_dir(tmp_path):
 def _run_in_tmp_path(tmp_path, monkeypatch):
     """Every test runs in its own folder: nothing a test writes (configs, logs) lands in the repo."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _cli_args_only(monkeypatch):
+    """``main(args)`` is the whole command line: pytest's own arguments are not in ``sys.argv`` (else
+    LightningCLI warns on stderr, which the one-line error tests read when ``-p no:warnings`` is given)."""
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])

@@ -19,17 +19,21 @@ import torch
 import yaml
 
 from distill.cli import main
-from distill.modules import DistillationModule
+from distill.modules import AdaptationModule, DistillationModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(ROOT.glob("configs/**/*.yaml"))
 HEADER = re.compile(r"^#\s+distill (\w+)((?: --config \S+)+)$", re.M)
 # Tiny data, two optimizer steps, one validation at step 2 and every step logged.
-SMALL_RUN = [
+SMALL_DATA = [
     "--data.init_args.num_train=16",
     "--data.init_args.num_val=14",
     "--data.init_args.num_test=14",
     "--data.init_args.batch_size=7",
+]
+# A SplitFileDataModule reads the tiny split files _prepare_inputs writes: one shot of each class.
+SMALL_SPLIT_DATA = ["--data.init_args.shots=1", "--data.init_args.batch_size=8"]
+SMALL_RUN = [
     "--trainer.max_steps=2",
     "--trainer.val_check_interval=2",
     "--trainer.log_every_n_steps=1",
@@ -77,7 +81,7 @@ def _values(node: Any, key: str = "") -> list[tuple[str, Any]]:
 
 
 def _prepare_inputs(config: dict[str, Any]) -> None:
-    """Create, at the relative paths the config names, the teacher folders it expects to exist."""
+    """Create, at the relative paths the config names, the teacher folders and split files it expects to exist."""
     from distill.clip_models import build_clip, save_local_dir
 
     for _, value in _values(config):
@@ -86,6 +90,33 @@ def _prepare_inputs(config: dict[str, Any]) -> None:
             save_local_dir(
                 bundle.model, bundle.model_config, bundle.preprocess_config, value.removeprefix("local-dir:")
             )
+    if _short(config["data"]["class_path"]) == "SplitFileDataModule":
+        _write_tiny_split_files(config["data"]["init_args"])
+
+
+def _write_tiny_split_files(data: dict[str, Any]) -> None:
+    """Tiny ShapesWorld split files (32 px) at the paths a SplitFileDataModule config names: each of
+    the 80 shape_position classes once per split, in one training domain and in each held-out one."""
+    from distill.shapesworld_splits import write_split_files
+
+    main_file = Path(data["split_file"])
+    name = re.fullmatch(r"split_zhou_(.+)\.json", main_file.name).group(1)
+    ood = dict(data.get("ood_split_files") or {})
+    written = write_split_files(
+        str(main_file.parent),
+        name=name,
+        task="shape_position",
+        train_domains=["flat"],
+        ood_domains=list(ood),
+        num_train=80,
+        num_val=80,
+        num_test=80,
+        image_size=32,
+    )
+    assert Path(data["root"]).resolve() == main_file.parent.resolve(), "split files list paths relative to root"
+    assert {k: Path(v).resolve() for k, v in written.items()} == {
+        k: Path(v).resolve() for k, v in {"main": main_file, **ood}.items()
+    }, f"the config names split files other than write_split_files writes: {data}"
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
@@ -116,9 +147,14 @@ def test_every_config_runs_and_writes_what_it_says(command, tmp_path, monkeypatc
     config = _merged(configs)
     _prepare_inputs(config)
     init = config["model"].get("init_args", {})
+    split_files = _short(config["data"]["class_path"]) == "SplitFileDataModule"
     # Two steps: a staged recipe (VL2V-ADiP) switches stage after the first, so both are run.
     staged = ["--model.init_args.align_steps=1"] if init.get("align_steps") else []
-    cli = main([subcommand, *[a for c in configs for a in ("--config", str(ROOT / c))], *SMALL_RUN, *staged])
+    # Deep prompts fit the tiny teacher's 1-layer text tower.
+    if "depth" in init.get("prompt_learner", {}).get("init_args", {}):
+        staged.append("--model.init_args.prompt_learner.init_args.depth=1")
+    small = [*(SMALL_SPLIT_DATA if split_files else SMALL_DATA), *SMALL_RUN, *staged]
+    cli = main([subcommand, *[a for c in configs for a in ("--config", str(ROOT / c))], *small])
 
     # What the configs name is what was built.
     assert type(cli.model).__name__ == _short(config["model"]["class_path"])
@@ -150,7 +186,8 @@ def test_every_config_runs_and_writes_what_it_says(command, tmp_path, monkeypatc
             columns = set(next(csv.reader(f)))
         if subcommand == "fit":
             assert {"train/loss", "val/id_top1"} <= columns
-            assert ("val/ood_top1" in columns) == bool(cli.datamodule.ood_domains)
+            # Split files' held-out domains are test-only: validation stays in-distribution.
+            assert ("val/ood_top1" in columns) == bool(cli.datamodule.ood_domains and not split_files)
             align_steps = cli.model.align_steps if isinstance(cli.model, DistillationModule) else 0
             for step in range(cli.trainer.global_step):  # every objective of each step's stage is logged
                 stage = cli.model.align_objectives if step < align_steps else cli.model.objectives
@@ -167,14 +204,52 @@ def test_every_config_runs_and_writes_what_it_says(command, tmp_path, monkeypatc
     # A one-cycle schedule spans the run (its length is trainer.max_steps, not typed again).
     if init.get("lr_scheduler", {}).get("class_path", "").endswith("OneCycleLR"):
         assert cli.trainer.lr_scheduler_configs[0].scheduler.total_steps == cli.trainer.max_steps
+    if init.get("export_dir") and isinstance(cli.model, AdaptationModule):
+        _check_adaptation_export(cli.model, init, cli.datamodule.classnames[:5])
     # The teacher is exported as an open_clip local-dir that loads back as a teacher.
-    if init.get("export_dir"):
+    elif init.get("export_dir"):
         from distill.teachers import Teacher
 
         exported = Path(init["export_dir"])
         saved = json.loads((exported / "open_clip_config.json").read_text())
         assert saved["model_cfg"] == cli.model.open_clip_config["model_cfg"]
         assert Teacher(model_name=f"local-dir:{exported}").embed_dim == saved["model_cfg"]["embed_dim"]
+
+
+def _check_adaptation_export(module: AdaptationModule, init: dict[str, Any], classnames: list[str]) -> None:
+    """An adaptation's export_dir: LoRA's adapters and merged open_clip folder (a teacher that
+    encodes images as the adapted module does), a prompt learner's prompts.pt (the trained context;
+    a fixed one makes a teacher whose class bank is the module's)."""
+    from distill.prompt_files import load_prompt_file
+    from distill.teachers import Teacher
+
+    module.eval()  # compare outputs without dropout
+    exported = Path(init["export_dir"])
+    lora, learner = init.get("lora"), init.get("prompt_learner")
+    written = {p.name for p in exported.iterdir()}
+    expected = ({"adapters.safetensors", "open_clip"} if lora else set()) | ({"prompts.pt"} if learner else set())
+    assert written == expected, f"{exported} holds {sorted(written)}, not {sorted(expected)}"
+    if lora:
+        base = Path(init["model_name"].removeprefix("local-dir:"))
+        merged = Teacher(checkpoint=str(exported / "open_clip"))
+        saved = json.loads((exported / "open_clip" / "open_clip_config.json").read_text())
+        assert saved["model_cfg"] == json.loads((base / "open_clip_config.json").read_text())["model_cfg"]
+        if not lora.get("quantize_base"):  # int8 matmuls round: only the float base matches exactly
+            images = torch.rand(2, 3, 32, 32)
+            with torch.no_grad():
+                torch.testing.assert_close(merged.encode_image(images), module.encode_image(images))
+    if learner:
+        model = Teacher(model_name=init["model_name"]).model
+        loaded = load_prompt_file(exported / "prompts.pt", model, module.tokenizer)
+        assert type(loaded).__name__ == _short(learner["class_path"])
+        trained = {k: v for k, v in module.prompt_learner.state_dict().items() if isinstance(v, torch.Tensor)}
+        assert trained and all(torch.equal(loaded.state_dict()[k], v) for k, v in trained.items())
+        if not loaded.image_conditioned and not lora:
+            prompted = Teacher(model_name=init["model_name"], prompts=str(exported / "prompts.pt"))
+            templates = ["a {}."]
+            torch.testing.assert_close(
+                prompted.class_bank(classnames, templates), module.class_bank(classnames, templates)
+            )
 
 
 @pytest.mark.parametrize("name", ["shapes-rn-teacher", "shapes-rn-student", "tiny-rn-test"])

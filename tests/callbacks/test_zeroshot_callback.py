@@ -19,6 +19,8 @@ class _Module(torch.nn.Module):
         self.logged = {}
         self.trainer = SimpleNamespace(world_size=1)
 
+    image_conditioned = False
+
     def class_bank(self, classnames, templates, descriptors=None):
         return self.bank
 

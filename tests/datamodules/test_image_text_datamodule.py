@@ -167,7 +167,7 @@ def test_a_json_split_file_or_an_empty_csv_says_what_is_expected(folder):
     with pytest.raises(ValueError) as err:
         ImageTextDataModule(root=str(folder), train_csv=str(split), image_column="path")
     assert "is a JSON file" in str(err.value) and expected in str(err.value)
-    assert "Split-file support comes with the adaptation datamodule" in str(err.value)
+    assert "Read CoOp split files with SplitFileDataModule" in str(err.value)
     indented = folder / "split.txt"
     indented.write_text(json.dumps({"train": []}, indent=2))
     with pytest.raises(ValueError, match="ImageTextDataModule reads CSV files"):
