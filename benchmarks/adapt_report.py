@@ -61,12 +61,16 @@ def _test(args: list[str], eval_classes: str, ckpt: bool) -> dict[str, float]:
     return next(c for c in cli.trainer.callbacks if isinstance(c, ZeroShotEvaluation)).results["test"]
 
 
-def run_method(method: str, seed: int, out: Path, data_args: list[str], split: str = "base_to_novel") -> dict:
-    """Fit one method (nothing for zero-shot) and test it; returns a result row."""
+def run_method(
+    method: str, seed: int, out: Path, data_args: list[str], split: str = "base_to_novel", run: bool = True
+) -> dict | None:
+    """Fit one method (nothing for zero-shot) and test it; returns a result row (None: not run, ``run=False``)."""
     run_dir = out / "runs" / f"{split}_{method}_seed{seed}"
     row_file = run_dir / "row.json"
     if row_file.is_file():  # a finished run of an earlier, interrupted report
         return json.loads(row_file.read_text())
+    if not run:
+        return None
     args = _args(method, run_dir, seed, data_args)
     row: dict = {"method": method, "seed": seed, "trainable": 0, "fit_s": 0.0, "images_per_s": 0.0}
     trained = method != "zero_shot"
@@ -117,8 +121,8 @@ def _pm(pair: tuple[float, float]) -> str:
 def base_to_novel_table(rows: list[dict], methods: list[str]) -> tuple[list[dict], str]:
     """Per-method summary and its markdown table."""
     lines = [
-        "| method | base | novel | HM | ID top-1 (base) | OOD top-1 (base) | trainable | fit s | img/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | seeds | base | novel | HM | ID top-1 (base) | OOD top-1 (base) | trainable | fit s | img/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     summary = []
     for method in ["zero_shot", *methods]:
@@ -133,21 +137,27 @@ def base_to_novel_table(rows: list[dict], methods: list[str]) -> tuple[list[dict
             {"method": method, **{k: list(v) for k, v in s.items()}, "hm": hm, "trainable": mine[0]["trainable"]}
         )
         lines.append(
-            f"| {LABELS.get(method, method)} | {_pm(s['base'])} | {_pm(s['novel'])} | {hm:.1f} | {_pm(s['id'])} | "
-            f"{_pm(s['ood'])} | {mine[0]['trainable']:,} | {fit_s:.0f} | {ips:.0f} |"
+            f"| {LABELS.get(method, method)} | {len(mine)} | {_pm(s['base'])} | {_pm(s['novel'])} | {hm:.1f} | "
+            f"{_pm(s['id'])} | {_pm(s['ood'])} | {mine[0]['trainable']:,} | {fit_s:.0f} | {ips:.0f} |"
         )
     return summary, "\n".join(lines)
 
 
 def few_shot_table(rows: list[dict], shots: list[int]) -> str:
     lines = [
-        "| K (shots per class) | LoRA ID top-1 | LoRA OOD top-1 | zero-shot ID | zero-shot OOD |",
-        "|---|---|---|---|---|",
+        "| K (shots per class) | seeds | LoRA ID top-1 | LoRA OOD top-1 | zero-shot ID | zero-shot OOD |",
+        "|---|---|---|---|---|---|",
     ]
-    zero = _summary([r for r in rows if r["method"] == "zero_shot"], ("id", "ood"))
+    zero_rows = [r for r in rows if r["method"] == "zero_shot"]
+    zero = _summary(zero_rows, ("id", "ood")) if zero_rows else None
     for k in shots:
-        s = _summary([r for r in rows if r["method"] == "lora" and r["shots"] == k], ("id", "ood"))
-        lines.append(f"| {k} | {_pm(s['id'])} | {_pm(s['ood'])} | {_pm(zero['id'])} | {_pm(zero['ood'])} |")
+        mine = [r for r in rows if r["method"] == "lora" and r["shots"] == k]
+        if not mine or zero is None:
+            continue
+        s = _summary(mine, ("id", "ood"))
+        lines.append(
+            f"| {k} | {len(mine)} | {_pm(s['id'])} | {_pm(s['ood'])} | {_pm(zero['id'])} | {_pm(zero['ood'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -188,6 +198,7 @@ def report(
     distil_steps: int = 300,
     data_args: list[str] = [],  # noqa: B006
     out: str = "runs/adapt_report",
+    run: bool = True,
 ) -> dict:
     """Run the grid and write ``adapt_report.json`` and ``adapt_report.md`` under ``out``.
 
@@ -198,37 +209,40 @@ def report(
         distil: add the LoRA-teacher vs unadapted-teacher distillation rows.
         distil_steps: training steps of each distilled student.
         data_args: extra ``--data...`` arguments for every run (e.g. another split file).
-        out: output folder.
+        out: output folder; each finished run keeps its row there (``runs/*/row.json``), so an
+            interrupted report resumes where it stopped.
+        run: run what is missing; False writes the report from the finished runs only.
     """
     out_dir = Path(out)
-    rows = [run_method(m, s, out_dir, data_args) for s in seeds for m in ["zero_shot", *methods]]
+    rows = [run_method(m, s, out_dir, data_args, run=run) for s in seeds for m in ["zero_shot", *methods]]
+    rows = [r for r in rows if r is not None]
     summary, b2n_md = base_to_novel_table(rows, methods)
     result: dict = {"base_to_novel": {"rows": rows, "summary": summary}}
     markdown = [f"## Base-to-novel, shape_position, 16 shots, seeds {seeds}\n", b2n_md]
     if shots:
-        few = [
-            {
-                **run_method(
-                    m,
-                    s,
-                    out_dir,
-                    [*data_args, "--data.init_args.train_classes=all", f"--data.init_args.shots={k}"],
-                    split=f"fewshot{k}",
-                ),
-                "shots": k,
-            }
-            for s in seeds
-            for k in shots
-            for m in (["zero_shot", "lora"] if k == shots[0] else ["lora"])
-        ]
+        few = []
+        for seed in seeds:
+            for k in shots:
+                for method in ["zero_shot", "lora"] if k == shots[0] else ["lora"]:
+                    extra = [*data_args, "--data.init_args.train_classes=all", f"--data.init_args.shots={k}"]
+                    row = run_method(method, seed, out_dir, extra, split=f"fewshot{k}", run=run)
+                    if row is not None:
+                        few.append({**row, "shots": k})
         result["few_shot"] = few
         markdown += [f"\n## Few-shot LoRA, all 80 classes, seeds {seeds}\n", few_shot_table(few, shots)]
     if distil:
         adapted = out_dir / "runs" / f"fewshot{max(shots or [16])}_lora_seed{seeds[0]}" / "adapted" / "open_clip"
-        if not adapted.is_dir():
+        if not adapted.is_dir() and run:
             run_method("lora", seeds[0], out_dir, [*data_args, "--data.init_args.train_classes=all"], split="fewshot16")
             adapted = out_dir / "runs" / f"fewshot16_lora_seed{seeds[0]}" / "adapted" / "open_clip"
-        result["distil"] = distil_rows(out_dir, adapted, distil_steps)
+        distil_file = out_dir / "distil_rows.json"
+        if distil_file.is_file():
+            result["distil"] = json.loads(distil_file.read_text())
+        elif run:
+            result["distil"] = distil_rows(out_dir, adapted, distil_steps)
+            atomic_write_json(distil_file, result["distil"])
+        else:
+            result["distil"] = []
         lines = ["| student's teacher | student ID top-1 | student OOD top-1 |", "|---|---|---|"]
         lines += [f"| {r['teacher']} | {100 * r['id']:.1f} | {100 * r['ood']:.1f} |" for r in result["distil"]]
         markdown += [

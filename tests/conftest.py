@@ -14,7 +14,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # The tests' architecture, an open_clip model config shipped in distill/model_configs and
 # registered on import of distill.clip_models: ModifiedResNet of width 8 at 32 px, 1-layer text.
-TINY_MODEL = "tiny-rn-test"
+TINY_MODEL = "tiny-rn-test"  # its ViT-shaped sibling, tiny-vit-test, backs tests/distill/conftest.py
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from open_clip.modified_resnet import AttentionPool2d
 from safetensors.torch import save_file
 from torch import nn
 
-from distill.clip_models import build_clip
 from distill.lora import (
     LoraSpec,
     adapters_disabled,
@@ -26,40 +25,8 @@ from distill.lora import (
     save_adapters,
     save_merged_local_dir,
 )
-from distill.split_attention import SplitMultiheadAttention
 
-# A tiny ViT-shaped open_clip model (2 heads in each tower), next to the conftest's ModifiedResNet one.
-VIT_CONFIG = {
-    "embed_dim": 24,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 48, "head_width": 24, "layers": 2},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
 KINDS = ["rn", "vit"]
-CAPTIONS = ["a small red circle", "two blue squares near the top", "a star"]
-
-
-def _bundle(kind: str, seed: int = 0, custom_text: bool = False):
-    torch.manual_seed(seed)
-    if kind == "rn":
-        bundle = build_clip(model_name="tiny-rn-test")
-    else:
-        bundle = build_clip(model_config={**VIT_CONFIG, "custom_text": custom_text})
-    bundle.model.eval()
-    return bundle
-
-
-def _inputs(bundle):
-    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    return images, bundle.tokenizer(CAPTIONS)
-
-
-def _embed(model, inputs):
-    with torch.no_grad():
-        return model.encode_image(inputs[0]), model.encode_text(inputs[1])
-
-
-def _max_diff(a, b) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
 def _randomize_adapters(model, std: float = 0.2) -> None:
@@ -68,11 +35,6 @@ def _randomize_adapters(model, std: float = 0.2) -> None:
         for name, param in model.named_parameters():
             if ".lora_B." in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
-
-
-def _attention_types(model) -> set[type]:
-    kinds = (nn.MultiheadAttention, SplitMultiheadAttention, AttentionPool2d)
-    return {type(m) for m in model.modules() if isinstance(m, kinds)}
 
 
 # LoRA: parameters, outputs, merge ---------------------------------------------------------------
@@ -97,52 +59,54 @@ SPECS = {
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("spec", list(SPECS.values()), ids=list(SPECS))
-def test_count_matches_the_formula(kind, spec):
-    bundle = _bundle(kind)
+def test_count_matches_the_formula(kind, spec, clip_kit):
+    bundle = clip_kit.bundle(kind)
     apply_lora(bundle.model, spec)
     assert count_lora_parameters(bundle.model) == lora_parameter_formula(bundle.model_config, spec) > 0
 
 
-def test_mlp_targets_count_on_the_text_tower():
-    bundle = _bundle("vit")
+def test_mlp_targets_count_on_the_text_tower(clip_kit):
+    bundle = clip_kit.bundle("vit")
     spec = LoraSpec(rank=4, targets=("mlp_in", "mlp_out"), towers=("text", "image"))
     apply_lora(bundle.model, spec)
     # text: 2 layers x 4 x ((32 + 128) + (128 + 32)); image: 2 layers x 4 x ((48 + 192) + (192 + 48))
-    assert count_lora_parameters(bundle.model) == 2 * 4 * 320 + 2 * 4 * 480 == lora_parameter_formula(VIT_CONFIG, spec)
+    expected = 2 * 4 * 320 + 2 * 4 * 480
+    assert count_lora_parameters(bundle.model) == expected == lora_parameter_formula(bundle.model_config, spec)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_adapters_change_outputs_and_merge_reproduces_them(kind, tmp_path):
-    bundle = _bundle(kind)
-    model, inputs = bundle.model, _inputs(bundle)
-    stock = _embed(model, inputs)
+def test_adapters_change_outputs_and_merge_reproduces_them(kind, tmp_path, clip_kit):
+    bundle = clip_kit.bundle(kind)
+    model, inputs = bundle.model, clip_kit.inputs(bundle)
+    stock = clip_kit.embed(model, inputs)
     stock_keys = list(model.state_dict())
 
     apply_lora(model, LoraSpec(targets=("q", "k", "v", "out")))
-    assert _max_diff(_embed(model, inputs), stock) <= 1e-5  # B starts at zero: the adapted model starts as the base
+    # B starts at zero: the adapted model starts as the base
+    assert clip_kit.max_diff(clip_kit.embed(model, inputs), stock) <= 1e-5
     _randomize_adapters(model)
-    adapted = _embed(model, inputs)
-    assert _max_diff(adapted, stock) > 1e-3 and min((a - s).abs().max() for a, s in zip(adapted, stock)) > 1e-3
+    adapted = clip_kit.embed(model, inputs)
+    assert min((a - s).abs().max() for a, s in zip(adapted, stock)) > 1e-3  # both towers change
     with adapters_disabled(model):
-        assert _max_diff(_embed(model, inputs), stock) <= 1e-5
+        assert clip_kit.max_diff(clip_kit.embed(model, inputs), stock) <= 1e-5
     assert count_lora_parameters(model) > 0  # the adapters are trainable again after the context
 
     merged = merge_lora(copy.deepcopy(model))
-    assert _attention_types(merged) <= {nn.MultiheadAttention, AttentionPool2d}
+    assert clip_kit.attention_types(merged) <= {nn.MultiheadAttention, AttentionPool2d}
     assert not any("lora" in type(m).__module__ or "Split" in type(m).__name__ for m in merged.modules())
     assert list(merged.state_dict()) == stock_keys
-    assert _max_diff(_embed(merged, inputs), adapted) <= 1e-5
+    assert clip_kit.max_diff(clip_kit.embed(merged, inputs), adapted) <= 1e-5
 
 
-def test_merged_folder_loads_with_stock_open_clip(tmp_path):
+def test_merged_folder_loads_with_stock_open_clip(tmp_path, clip_kit):
     """The merged folder loads in a fresh interpreter that imports open_clip but no distill."""
     expected = {}
     for kind in KINDS:
-        bundle = _bundle(kind)
+        bundle = clip_kit.bundle(kind)
         apply_lora(bundle.model, LoraSpec(targets=("q", "v", "out")))
         _randomize_adapters(bundle.model)
-        inputs = _inputs(bundle)
-        expected[kind] = _embed(bundle.model, inputs)
+        inputs = clip_kit.inputs(bundle)
+        expected[kind] = clip_kit.embed(bundle.model, inputs)
         save_merged_local_dir(bundle.model, bundle.model_config, bundle.preprocess_config, tmp_path / kind)
         torch.save(inputs, tmp_path / f"{kind}_inputs.pt")
         assert count_lora_parameters(bundle.model) > 0  # the adapted model itself is left as it was
@@ -158,13 +122,13 @@ def test_merged_folder_loads_with_stock_open_clip(tmp_path):
     run = subprocess.run([sys.executable, "-c", script, *KINDS], cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     for kind in KINDS:
-        assert _max_diff(torch.load(tmp_path / f"{kind}_out.pt"), expected[kind]) <= 1e-5
+        assert clip_kit.max_diff(torch.load(tmp_path / f"{kind}_out.pt"), expected[kind]) <= 1e-5
 
 
 # peft really applies the spec --------------------------------------------------------------------
 @pytest.mark.parametrize(("rslora", "expected"), [(True, 2.0 / 2.0), (False, 2.0 / 4.0)])
-def test_scaling_is_alpha_over_sqrt_rank_with_rslora(rslora, expected):
-    bundle = _bundle("vit")
+def test_scaling_is_alpha_over_sqrt_rank_with_rslora(rslora, expected, clip_kit):
+    bundle = clip_kit.bundle("vit")
     spec = LoraSpec(rank=4, alpha=2.0, rslora=rslora)
     apply_lora(bundle.model, spec)
     _randomize_adapters(bundle.model)
@@ -176,9 +140,9 @@ def test_scaling_is_alpha_over_sqrt_rank_with_rslora(rslora, expected):
         assert torch.allclose(layer(x) - layer.base_layer(x), expected * x @ a.T @ b.T, atol=1e-6)
 
 
-def test_dropout_is_active_in_train_mode_only():
-    bundle = _bundle("vit")
-    tokens = _inputs(bundle)[1]
+def test_dropout_is_active_in_train_mode_only(clip_kit):
+    bundle = clip_kit.bundle("vit")
+    tokens = clip_kit.inputs(bundle)[1]
     apply_lora(bundle.model, LoraSpec(dropout=0.5))
     _randomize_adapters(bundle.model)
     layer = bundle.model.transformer.resblocks[0].attn.q_proj
@@ -193,10 +157,10 @@ def test_dropout_is_active_in_train_mode_only():
 # Quantised base (QLoRA style) --------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
-def test_quantized_base_trains_on_cpu_and_merges_to_float(mode, kind):
+def test_quantized_base_trains_on_cpu_and_merges_to_float(mode, kind, clip_kit):
     pytest.importorskip("bitsandbytes")
-    bundle = _bundle(kind)
-    model, inputs = bundle.model, _inputs(bundle)
+    bundle = clip_kit.bundle(kind)
+    model, inputs = bundle.model, clip_kit.inputs(bundle)
     apply_lora(model, LoraSpec(quantize_base=mode))
     base = model.transformer.resblocks[0]
     quantized = {"int8": "Linear8bitLt", "nf4": "Linear4bit"}[mode]
@@ -212,27 +176,27 @@ def test_quantized_base_trains_on_cpu_and_merges_to_float(mode, kind):
     assert all(g.isfinite().all() and g.abs().sum() > 0 for g in grads.values())
 
     model.eval()
-    adapted = _embed(model, inputs)
+    adapted = clip_kit.embed(model, inputs)
     merged = merge_lora(copy.deepcopy(model))
     assert not any(type(m).__module__.startswith("bitsandbytes") for m in merged.modules())
-    assert _attention_types(merged) <= {nn.MultiheadAttention, AttentionPool2d}
-    merged_out = _embed(merged, inputs)
+    assert clip_kit.attention_types(merged) <= {nn.MultiheadAttention, AttentionPool2d}
+    merged_out = clip_kit.embed(merged, inputs)
     if mode == "nf4":  # NF4 weights dequantise exactly and compute in fp32
-        assert _max_diff(merged_out, adapted) <= 1e-5
+        assert clip_kit.max_diff(merged_out, adapted) <= 1e-5
     else:  # LLM.int8 also quantises the activations, the merged float model does not
         assert all((m - a).norm() <= 0.05 * a.norm() for m, a in zip(merged_out, adapted))
 
 
-def test_quantized_base_without_bitsandbytes_says_what_to_install(monkeypatch):
+def test_quantized_base_without_bitsandbytes_says_what_to_install(monkeypatch, clip_kit):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(ModuleNotFoundError, match="quantize_base='nf4' needs bitsandbytes"):
-        apply_lora(_bundle("vit").model, LoraSpec(quantize_base="nf4"))
+        apply_lora(clip_kit.bundle("vit").model, LoraSpec(quantize_base="nf4"))
 
 
 # Adapter files ------------------------------------------------------------------------------------
-def test_adapter_file_round_trip(tmp_path):
+def test_adapter_file_round_trip(tmp_path, clip_kit):
     spec = LoraSpec(rank=3, alpha=2.0, targets=("q", "v", "mlp_out"), towers=("text",))
-    bundle = _bundle("vit")
+    bundle = clip_kit.bundle("vit")
     apply_lora(bundle.model, spec)
     _randomize_adapters(bundle.model)
     path = save_adapters(bundle.model, spec, tmp_path / "adapters.safetensors")
@@ -244,15 +208,15 @@ def test_adapter_file_round_trip(tmp_path):
     assert state.keys() == own.keys() and all(torch.equal(state[k], v) for k, v in own.items())
     assert path.stat().st_size < 4 * sum(v.numel() for v in own.values()) + 16_384
 
-    fresh = _bundle("vit")  # same base weights (seed), new adapters
+    fresh = clip_kit.bundle("vit")  # same base weights (seed), new adapters
     apply_lora(fresh.model, loaded_spec)
     load_lora_state_dict(fresh.model, state, source=str(path))
-    inputs = _inputs(fresh)
-    assert _max_diff(_embed(fresh.model, inputs), _embed(bundle.model, inputs)) == 0.0
+    inputs = clip_kit.inputs(fresh)
+    assert clip_kit.max_diff(clip_kit.embed(fresh.model, inputs), clip_kit.embed(bundle.model, inputs)) == 0.0
 
 
-def test_load_lora_state_dict_is_strict():
-    bundle = _bundle("vit")
+def test_load_lora_state_dict_is_strict(clip_kit):
+    bundle = clip_kit.bundle("vit")
     apply_lora(bundle.model, LoraSpec())
     state = lora_state_dict(bundle.model)
     key = next(iter(state))
@@ -287,8 +251,8 @@ def test_spec_validates_names_and_accepts_yaml_lists():
     assert json.loads(json.dumps(LoraSpec().__dict__))["targets"] == ["q", "k", "v"]
 
 
-def test_a_target_matching_nothing_names_target_tower_and_what_exists():
-    model = _bundle("rn").model  # the ModifiedResNet image tower has an attention pool but no MLP blocks
+def test_a_target_matching_nothing_names_target_tower_and_what_exists(clip_kit):
+    model = clip_kit.bundle("rn").model  # the ModifiedResNet image tower has an attention pool but no MLP blocks
     with pytest.raises(ValueError, match=r"'mlp_in' matches no module in the image tower of CLIP.*q, k, v, out\)"):
         apply_lora(model, LoraSpec(targets=("q", "mlp_in")))
     apply_lora(model, LoraSpec(targets=("mlp_in",), towers=("text",)))

@@ -16,11 +16,6 @@ from distill.prompt_towers import TextTower, VisionTower
 from distill.prompts import CoCoOp, CoOp, MultimodalPrompts, cocoop_logits_per_image_loop
 
 NAMES = ["dog", "red circle", "x-ray machine"]
-VIT_CFG = {
-    "embed_dim": 24,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 48, "layers": 2, "head_width": 24},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
 
 
 def _frozen(model: nn.Module) -> nn.Module:
@@ -35,8 +30,9 @@ def _rn() -> tuple[nn.Module, SimpleTokenizer]:
 
 def _vit(model_class: type = open_clip.CLIP, **text_cfg) -> tuple[nn.Module, SimpleTokenizer]:
     torch.manual_seed(0)
-    cfg = {**VIT_CFG, "text_cfg": {**VIT_CFG["text_cfg"], **text_cfg}}
-    return _frozen(model_class(**cfg)), SimpleTokenizer(context_length=16)
+    cfg = open_clip.get_model_config("tiny-vit-test")  # a copy: the overrides stay in this test
+    cfg["text_cfg"].update(text_cfg)
+    return _frozen(model_class(**cfg)), SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
 
 
 def _rn_two_text_layers() -> tuple[nn.Module, SimpleTokenizer]:

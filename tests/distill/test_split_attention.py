@@ -4,49 +4,11 @@ import copy
 
 import pytest
 import torch
-from open_clip.modified_resnet import AttentionPool2d
 from torch import nn
 
-from distill.clip_models import build_clip
 from distill.split_attention import SplitAttentionPool2d, SplitMultiheadAttention, fuse_attention, split_attention
 
-# A tiny ViT-shaped open_clip model (2 heads in each tower), next to the conftest's ModifiedResNet one.
-VIT_CONFIG = {
-    "embed_dim": 24,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 48, "head_width": 24, "layers": 2},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
 KINDS = ["rn", "vit"]
-CAPTIONS = ["a small red circle", "two blue squares near the top", "a star"]
-
-
-def _bundle(kind: str, seed: int = 0, custom_text: bool = False):
-    torch.manual_seed(seed)
-    if kind == "rn":
-        bundle = build_clip(model_name="tiny-rn-test")
-    else:
-        bundle = build_clip(model_config={**VIT_CONFIG, "custom_text": custom_text})
-    bundle.model.eval()
-    return bundle
-
-
-def _inputs(bundle):
-    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    return images, bundle.tokenizer(CAPTIONS)
-
-
-def _embed(model, inputs):
-    with torch.no_grad():
-        return model.encode_image(inputs[0]), model.encode_text(inputs[1])
-
-
-def _max_diff(a, b) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
-
-
-def _attention_types(model) -> set[type]:
-    kinds = (nn.MultiheadAttention, SplitMultiheadAttention, AttentionPool2d)
-    return {type(m) for m in model.modules() if isinstance(m, kinds)}
 
 
 def _causal(length: int) -> torch.Tensor:
@@ -96,17 +58,18 @@ def test_split_attention_handles_cross_attention_and_unbatched_input():
 
 
 @pytest.mark.parametrize("kind", [*KINDS, "custom_text"])
-def test_split_attention_keeps_embeddings_and_fuse_restores_the_stock_model(kind):
-    bundle = _bundle("vit" if kind == "custom_text" else kind, custom_text=kind == "custom_text")
-    model, inputs = bundle.model, _inputs(bundle)
-    before, state = _embed(model, inputs), copy.deepcopy(model.state_dict())
-    stock_types = _attention_types(model)
+def test_split_attention_keeps_embeddings_and_fuse_restores_the_stock_model(kind, clip_kit):
+    bundle = clip_kit.bundle("vit" if kind == "custom_text" else kind, custom_text=kind == "custom_text")
+    model, inputs = bundle.model, clip_kit.inputs(bundle)
+    before, state = clip_kit.embed(model, inputs), copy.deepcopy(model.state_dict())
+    stock_types = clip_kit.attention_types(model)
 
     split_attention(model)
-    assert _attention_types(model) == {SplitMultiheadAttention, *([SplitAttentionPool2d] if kind == "rn" else [])}
-    assert _max_diff(_embed(model, inputs), before) <= 1e-5  # the text side includes the causal mask
+    split_types = {SplitMultiheadAttention, *([SplitAttentionPool2d] if kind == "rn" else [])}
+    assert clip_kit.attention_types(model) == split_types
+    assert clip_kit.max_diff(clip_kit.embed(model, inputs), before) <= 1e-5  # the text side includes the causal mask
 
     fuse_attention(model)
-    assert _attention_types(model) == stock_types
+    assert clip_kit.attention_types(model) == stock_types
     assert list(model.state_dict()) == list(state)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

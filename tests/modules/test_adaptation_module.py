@@ -17,13 +17,6 @@ from distill.teachers import Teacher
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "adapt"
 METHODS = ["coop", "cocoop", "deep_prompts", "kgcoop", "promptsrc", "lora", "lora+lora_int8"]
 
-# A ViT-shaped open_clip model (patch 8 at 32 px, 2 vision and 2 text layers) next to the tiny ResNet.
-VIT_CONFIG = {
-    "embed_dim": 24,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 48, "layers": 2, "head_width": 24},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
@@ -37,11 +30,11 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """Random tiny ResNet and ViT open_clip models saved as local-dir folders."""
+    """Random tiny ResNet and ViT (patch 8 at 32 px, 2 layers a tower) open_clip models saved as local-dir folders."""
     folder = tmp_path_factory.mktemp("adapt_models")
     torch.manual_seed(0)
     rn = build_clip(model_name="tiny-rn-test")
-    vit = build_clip(model_config=VIT_CONFIG)
+    vit = build_clip(model_name="tiny-vit-test")
     return {
         "rn": save_local_dir(rn.model, rn.model_config, rn.preprocess_config, folder / "rn"),
         "vit": save_local_dir(vit.model, vit.model_config, vit.preprocess_config, folder / "vit"),

@@ -166,3 +166,28 @@ def test_teacher_stays_in_eval_mode_when_module_trains(tiny_local_dir):
     module = _module(tiny_local_dir)
     module.train()
     assert module.student.training and not any(m.training for m in module.teacher.modules())
+
+
+def test_a_lora_student_trains_only_its_adapters_on_a_pretrained_open_clip(tiny_local_dir):
+    """PromptKD-style parameter-efficient distillation: a pretrained small open_clip model, LoRA only."""
+    import lightning.pytorch as pl
+
+    from distill.lora import LoraSpec
+
+    student = lambda d: OpenClipStudent(d, init_from=str(tiny_local_dir), lora=LoraSpec(rank=2))  # noqa: E731
+    module = _module(tiny_local_dir, student=student, objectives=[LabelCrossEntropy(), AffinityDistillation()])
+    trained = {n for n, p in module.student.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    before = {n: p.detach().clone() for n, p in module.student.named_parameters()}
+    dm = ShapesWorldDataModule(num_train=16, num_val=7, num_test=7, batch_size=8)
+    trainer = pl.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    changed = {n for n, p in module.student.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= trained
+    with pytest.raises(ValueError, match="LoRA adapts pretrained weights; give init_from"):
+        OpenClipStudent(16, model_name="tiny-rn-test", lora=LoraSpec())
+    with pytest.raises(ValueError, match="must share the teacher's width"):
+        OpenClipStudent(16, init_from=str(tiny_local_dir))
