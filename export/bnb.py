@@ -14,6 +14,7 @@ import warnings
 from typing import Literal
 
 import torch
+from open_clip.modified_resnet import AttentionPool2d
 from torch import nn
 
 
@@ -67,6 +68,10 @@ def quantise_linears(model: nn.Module, bits: Literal[8, 4]) -> tuple[nn.Module, 
     total = sum(p.numel() for p in quantised.parameters())
     replaced, linear_params = 0, 0
     for parent in list(quantised.modules()):
+        if isinstance(parent, AttentionPool2d):
+            # open_clip's ResNet attention pool hands its projections' weights to
+            # F.multi_head_attention_forward instead of calling them: they must stay float.
+            continue
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
                 linear_params += child.weight.numel() + (child.bias.numel() if child.bias is not None else 0)

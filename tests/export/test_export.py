@@ -233,3 +233,18 @@ def test_distill_export_command_from_a_training_checkpoint(tmp_path, monkeypatch
     with pytest.raises(SystemExit) as exit_info:
         main([*export, "--ckpt_path=bad.ckpt"])
     assert exit_info.value.code == 2 and "is not a distill checkpoint" in capsys.readouterr().err
+
+
+def test_bitsandbytes_copy_keeps_the_resnet_attention_pool_float():
+    """The ResNet attention pool passes its projections' weights to F.multi_head_attention_forward:
+    they must stay float in the bitsandbytes copy (an int8 weight there fails at the first forward)."""
+    from distill.clip_models import build_clip
+    from distill.export.bnb import quantise_linears
+
+    model = build_clip(model_name="tiny-rn-test").model.eval()
+    images = torch.rand(2, 3, 32, 32)
+    quantised, info = quantise_linears(model, 8)
+    assert quantised.visual.attnpool.q_proj.weight.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(quantised.encode_image(images), model.encode_image(images))
+    assert info["linear_layers"] == 2  # the text MLP (c_fc, c_proj): the only plain Linear layers left
