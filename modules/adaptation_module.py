@@ -268,10 +268,6 @@ class AdaptationModule(VisionLanguageTask):
         self.log_dict({f"train/loss_{k}": v for k, v in terms.items()}, batch_size=size)
         return loss
 
-    def trainable_parameters(self):
-        """Prompt parameters and LoRA matrices (everything else is frozen)."""
-        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
-
     def trainable_parameter_count(self) -> int:
         """Number of trained values (prompts, meta-net, couplings, LoRA A and B)."""
         return sum(p.numel() for _, p in self.trainable_parameters())
