@@ -1,5 +1,5 @@
 # make test  - create/refresh .venv, then lint (ruff check, ruff format --check) and run the test suite (what CI runs)
-# make demo  - create/refresh .venv, then run the ShapesWorld demo (FORCE=1 retrains the teacher)
+# make demo  - create/refresh .venv, then run the ShapesWorld demo and write runs/demo/report.html (FORCE=1 retrains the teacher)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -38,6 +38,7 @@ demo: venv
 	$(BIN)/python benchmarks/distill_report.py --recipes '[$(DEMO_RECIPE)]' --seeds '[0]' --max_steps 300 \
 		--extra_args '["--model.init_args.align_steps=150"]' --out runs/demo/report
 	$(BIN)/python benchmarks/export_report.py --recipe $(DEMO_RECIPE) --runs runs/demo/report --out runs/demo/export
+	$(BIN)/distill report runs/demo
 
 clean:
 	rm -rf runs lightning_logs

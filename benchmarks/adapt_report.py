@@ -30,6 +30,8 @@ from jsonargparse import CLI
 from distill.callbacks import ZeroShotEvaluation
 from distill.cli import main as distill
 from distill.files import atomic_write_json, atomic_write_text
+from distill.plots import plot_adaptation, plot_shots
+from distill.report import Section, image_html, markdown_html, write_html
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "adapt"
@@ -44,7 +46,8 @@ LABELS = {
     "lora": "LoRA r=2 q,k,v (CLIP-LoRA)",
     "lora+lora_int8": "LoRA r=2 on an 8-bit base",
 }
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
+# Lightning's progress bar stays on: a run trains for up to a few minutes.
+QUIET = ["--trainer.enable_model_summary=false", "--trainer.logger=false"]
 
 
 def _args(method: str, run_dir: Path, seed: int, extra: list[str]) -> list[str]:
@@ -71,6 +74,7 @@ def run_method(
         return json.loads(row_file.read_text())
     if not run:
         return None
+    print(f"adaptation run: {method}, seed {seed}, {split}", flush=True)
     args = _args(method, run_dir, seed, data_args)
     row: dict = {"method": method, "seed": seed, "trainable": 0, "fit_s": 0.0, "images_per_s": 0.0}
     trained = method != "zero_shot"
@@ -252,7 +256,44 @@ def report(
     atomic_write_json(out_dir / "adapt_report.json", result)
     atomic_write_text(out_dir / "adapt_report.md", "\n".join(markdown) + "\n")
     print("\n".join(markdown))
+    print(f"report: {html_report(result, markdown, out_dir, seeds, shots)}")
     return result
+
+
+def html_report(result: dict, markdown: list[str], out_dir: Path, seeds: list[int], shots: list[int]) -> Path:
+    """``adapt_report.html``: the tables, base/novel/HM bars per method and top-1 vs shots (PNGs in ``plots/``)."""
+    plots = out_dir / "plots"
+    figures = []
+    summary = result["base_to_novel"]["summary"]
+    if summary:
+        rows = [
+            {
+                "method": LABELS.get(s["method"], s["method"]),
+                "base": s["base"][0] / 100,
+                "novel": s["novel"][0] / 100,
+                "hm": s["hm"] / 100,
+                "base_std": s["base"][1] / 100,
+                "novel_std": s["novel"][1] / 100,
+            }
+            for s in summary
+        ]
+        title = f"Base-to-novel top-1 (shape_position, 16 shots, mean of {len(seeds)} seed(s))"
+        figures.append(plot_adaptation(plots / "base_to_novel.png", rows, title=title))
+    few = result.get("few_shot") or []
+    lora = [r for r in few if r["method"] == "lora"]
+    if lora:
+        series = {}
+        for key, name in (("id", "LoRA, ID domains"), ("ood", "LoRA, OOD domains")):
+            series[name] = [(k, statistics.fmean(r[key] for r in lora if r["shots"] == k)) for k in shots]
+        zero = [r["id"] for r in few if r["method"] == "zero_shot"]
+        baseline = statistics.fmean(zero) if zero else None
+        title = "Few-shot LoRA: top-1 vs shots per class (all classes; dashed: zero-shot, ID)"
+        figures.append(plot_shots(plots / "few_shot.png", series, baseline=baseline, title=title))
+    sections = [
+        Section("Tables", markdown_html("\n".join(markdown))),
+        Section("Plots", "\n".join(image_html(f) for f in figures)),
+    ]
+    return write_html(out_dir / "adapt_report.html", "Adaptation report", sections, f"seeds {seeds}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ from recipes import BASE, recipe_args, recipe_configs, run_name
 
 from distill.callbacks import ZeroShotEvaluation
 from distill.cli import main as distill
+from distill.plots import plot_domain_accuracy
+from distill.report import Section, image_html, markdown_html, write_html
+from distill.run_files import domain_groups, read_json
 
 RECIPES = ["labels_only", "fd", "affinity", "icl", "clip_kd", "vl2v_adip"]
 LABELS = {
@@ -38,7 +41,8 @@ LABELS = {
     "openclip_student": "open_clip dual-tower student",
     "augment": "consistent TrivialAugment",
 }
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+# Lightning's progress bar stays on: each run trains for a minute or more.
+QUIET = ["--trainer.enable_model_summary=false"]
 
 
 def _test_metrics(cli) -> dict[str, float]:
@@ -99,6 +103,7 @@ def _student_row(recipe: str, seeds: list[int], out: Path, teacher: str, max_ste
         "train_seconds": [],
     }
     for seed in seeds:
+        print(f"training {recipe}, seed {seed} ({max_steps} steps)", flush=True)
         run_dir = out / run_name(recipe) / f"seed{seed}"  # logs in run_dir/logs, as for every run
         args = [
             "fit",
@@ -197,7 +202,30 @@ def report(
     (out_dir / "report.json").write_text(json.dumps(result, indent=2))
     (out_dir / "report.md").write_text(table + "\n")
     print(table)
+    print(f"report: {html_report(out_dir, table, rows, seeds)}")
     return result
+
+
+def html_report(out_dir: Path, table: str, rows: list[dict], seeds: list[int]) -> Path:
+    """``report.html``: the table, and per-domain top-1 of each recipe's first seed next to the teacher's."""
+    teacher_file = read_json(out_dir / "teacher" / "zeroshot_test.json") or {}
+    teacher = {k[len("top1_") :]: v for k, v in teacher_file.get("metrics", {}).items() if k.startswith("top1_")}
+    figures = []
+    for row in rows:
+        found = sorted((out_dir / run_name(row["recipe"]) / f"seed{seeds[0]}").rglob("zeroshot_test.json"))
+        student_file = read_json(found[-1]) if found else None
+        if not student_file:
+            continue
+        student = {k[len("top1_") :]: v for k, v in student_file["metrics"].items() if k.startswith("top1_")}
+        id_domains, ood_domains = domain_groups(student_file, teacher_file)
+        path = out_dir / "plots" / f"domain_top1_{run_name(row['recipe'])}.png"
+        title = f"{row['label']}: test top-1 per domain (seed {seeds[0]})"
+        figures.append(plot_domain_accuracy(path, student, teacher or None, id_domains, ood_domains, title=title))
+    sections = [
+        Section("Teacher vs students", markdown_html(table)),
+        Section("Per-domain top-1", "\n".join(image_html(f) for f in figures)),
+    ]
+    return write_html(out_dir / "report.html", "Distillation report", sections, f"seeds {seeds}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from jsonargparse import CLI
 from recipes import recipe_args, run_name
 
 from distill.cli import main as distill
+from distill.report import Section, image_html, markdown_html, write_html
+from distill.run_files import export_plot
 
 
 def newest_checkpoint(folder: Path) -> Path:
@@ -82,7 +84,17 @@ def report(
         f"{datamodule.classnames[ood[0]['label']]!r}:"
     )
     subprocess.run([sys.executable, str(bundle / "run.py"), str(bundle), str(sample), "--top", "3"], check=True)
+    print(f"report: {html_report(out_dir)}")
     return json.loads((bundle / "report.json").read_text())
+
+
+def html_report(out_dir: Path) -> Path:
+    """``export_report.html``: the variant table and accuracy vs latency and size per variant."""
+    plot = export_plot(out_dir / "export_report.json", out_dir / "plots" / "export_tradeoff.png")
+    sections = [Section("Variants", markdown_html((out_dir / "export_report.md").read_text()))]
+    if plot is not None:
+        sections.append(Section("Size, latency and accuracy", image_html(plot)))
+    return write_html(out_dir / "export_report.html", "Export report", sections)
 
 
 if __name__ == "__main__":

@@ -226,6 +226,8 @@ class ZeroShotEvaluation(pl.Callback):
             "step": trainer.global_step,
             "metrics": results,
             "counts": counts,
+            "id_domains": list(trainer.datamodule.id_domains),
+            "ood_domains": list(trainer.datamodule.ood_domains),
         }
         atomic_write_json(folder / f"zeroshot_{stage}.json", payload)
         rank_zero_info(format_domain_table(results, trainer.datamodule, counts))

@@ -9,7 +9,7 @@ module that offers no transform is an error naming the attribute, never a silent
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,9 +30,12 @@ class ModelIO:
         train_transform: PIL image -> tensor for the training split.
         eval_transform: PIL image -> tensor for val/test/predict.
         tokenizer: ``list[str] -> (M, L)`` token ids; captions are left as strings when None.
-        teacher_transform: PIL image -> tensor, the teacher's view (training split only).
-        teacher_tokenizer: the teacher's tokenizer (training split only).
+        teacher_transform: PIL image -> tensor, the teacher's view (training split only, unless
+            ``teacher_views_in_eval``).
+        teacher_tokenizer: the teacher's tokenizer (training split only, unless ``teacher_views_in_eval``).
         augment: PIL -> PIL augmentation of training images, before every view.
+        teacher_views_in_eval: evaluation batches also carry the teacher's views (``teacher_image``,
+            ``teacher_text``), for callbacks that compare teacher and student on the same images.
     """
 
     def __init__(
@@ -43,13 +46,16 @@ class ModelIO:
         teacher_transform: Callable | None = None,
         teacher_tokenizer: Callable | None = None,
         augment: Callable | None = None,
+        teacher_views_in_eval: bool = False,
     ) -> None:
         self.train_transform, self.eval_transform, self.tokenizer = train_transform, eval_transform, tokenizer
         self.teacher_transform, self.teacher_tokenizer = teacher_transform, teacher_tokenizer
-        self.augment = augment
+        self.augment, self.teacher_views_in_eval = augment, teacher_views_in_eval
 
     @classmethod
-    def from_task(cls, task: VisionLanguageTask, augment: Callable | None = None) -> ModelIO:
+    def from_task(
+        cls, task: VisionLanguageTask, augment: Callable | None = None, teacher_views_in_eval: bool = False
+    ) -> ModelIO:
         """The transforms and tokenizers ``task`` declares (see ``VisionLanguageTask``).
 
         Raises:
@@ -71,17 +77,19 @@ class ModelIO:
             task.teacher_preprocess,
             task.teacher_tokenizer,
             augment,
+            teacher_views_in_eval,
         )
 
     def views(self, split: str) -> Views:
-        """The image views of a split: the model's, plus the teacher's when training."""
+        """The image views of a split: the model's, plus the teacher's when training (or when asked in eval)."""
         if split == "train":
             return Views(self.train_transform, self.teacher_transform, self.augment)
-        return Views(self.eval_transform)
+        return Views(self.eval_transform, self.teacher_transform if self.teacher_views_in_eval else None)
 
     def collate(self, split: str) -> ImageTextCollate:
-        """The batch collator of a split (teacher tokens only when training)."""
-        return ImageTextCollate(self.tokenizer, self.teacher_tokenizer if split == "train" else None)
+        """The batch collator of a split (teacher tokens when training, or when asked in eval)."""
+        with_teacher = split == "train" or self.teacher_views_in_eval
+        return ImageTextCollate(self.tokenizer, self.teacher_tokenizer if with_teacher else None)
 
 
 class VisionLanguageDataModule(pl.LightningDataModule):
@@ -112,6 +120,7 @@ class VisionLanguageDataModule(pl.LightningDataModule):
         build_augment(augment)  # fail on an unknown policy now, not at setup
         self.batch_size, self.num_workers, self.augment = batch_size, num_workers, augment
         self.io: ModelIO | None = None
+        self._teacher_views_in_eval = False
 
     # The task (implemented by subclasses) ------------------------------------------------------
     @property
@@ -167,7 +176,20 @@ class VisionLanguageDataModule(pl.LightningDataModule):
     # Wiring to the model -----------------------------------------------------------------------
     def connect(self, source: VisionLanguageTask | ModelIO) -> None:
         """Take transforms and tokenizers from a distill module (or an explicit ``ModelIO``)."""
-        self.io = source if isinstance(source, ModelIO) else ModelIO.from_task(source, build_augment(self.augment))
+        if isinstance(source, ModelIO):
+            self.io = source
+        else:
+            self.io = ModelIO.from_task(source, build_augment(self.augment), self._teacher_views_in_eval)
+
+    def request_teacher_views_in_eval(self) -> None:
+        """Evaluation batches also carry the teacher's views of each item (``teacher_image``, ``teacher_text``).
+
+        Called by callbacks that compare teacher and student on the same evaluation images (e.g.
+        ``TeacherStudentDiagnostics``); takes effect for loaders built afterwards.
+        """
+        self._teacher_views_in_eval = True
+        if self.io is not None:
+            self.io.teacher_views_in_eval = True
 
     def setup(self, stage: str | None = None) -> None:
         """Connect to the Trainer's module (subclasses also prepare the stage's splits)."""
@@ -209,11 +231,15 @@ class VisionLanguageDataModule(pl.LightningDataModule):
         For checks that must run their own preprocessing (export parity, INT8 calibration).
         With ``limit``, items are taken evenly spaced over the split.
         """
+        count = self.num_items(split) if limit is None else min(limit, self.num_items(split))
+        indices = np.linspace(0, self.num_items(split) - 1, count).round().astype(int) if count else []
+        return self.raw_samples_at(split, [int(i) for i in indices])
+
+    def raw_samples_at(self, split: str, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """Untransformed samples of ``split`` at these dataset indices (the batches' ``index`` values)."""
         dataset = self.split_dataset(split)
         saved, dataset.transform = dataset.transform, None
         try:
-            count = len(dataset) if limit is None else min(limit, len(dataset))
-            indices = np.linspace(0, len(dataset) - 1, count).round().astype(int) if count else []
             return [dataset[int(i)] for i in indices]
         finally:
             dataset.transform = saved

@@ -10,34 +10,60 @@
 Models are subclasses of :class:`~distill.modules.VisionLanguageTask` and datamodules of
 :class:`~distill.datamodules.VisionLanguageDataModule`, chosen with ``class_path`` (subclass
 mode); classes from ``distill.modules``, ``distill.datamodules`` and ``distill.callbacks`` can
-be named bare. Values are derived instead of typed twice: without a ``trainer.logger`` the run
-logs to ``CSVLogger(save_dir=<trainer.default_root_dir>, name="logs")``, and the
-``total_steps`` of a ``OneCycleLR`` scheduler is linked to ``trainer.max_steps``.
+be named bare. Values are derived instead of typed twice: the ``total_steps`` of a ``OneCycleLR``
+scheduler is linked to ``trainer.max_steps``.
+
+Logging: the run logs to ``CSVLogger(save_dir=<trainer.default_root_dir>, name="logs")``, so
+``trainer.log_dir`` is ``<root>/logs/version_N`` (where the run's JSON reports go). A configured
+``trainer.logger`` (one or a list) without a CSVLogger gets this one put first, so the CSV logs
+and the log dir stay; a ``WandbLogger`` whose ``save_dir`` is left at "." writes under the run
+folder (``<root>/wandb/``); ``--trainer.logger=false`` means no logger at all. W&B:
+
+    distill fit --config configs/distill/base.yaml --config configs/distill/vl2v_adip.yaml --config configs/wandb.yaml
+
+Every run writes, beside Lightning's ``config.yaml`` in the log dir, ``run_info.json`` (git commit,
+versions, command, host, teacher fingerprint: ``distill.run_info``) and hands the resolved config
+to every logger (``hparams.yaml`` of the CSV logger, the W&B run's config, which also gets
+``run_info``). Sweeps (``sweeps/*.yaml``) set single loss terms with
+``--model.init_args.objective_overrides.<name>.<argument>=<value>``; jsonargparse keeps only the
+last argument per name of such dotted nested-dict flags, so the parser first combines the flags
+of one name into one (``...objective_overrides.<name>={"weight": 0.5, "temperature": 4}``).
 """
 
 from __future__ import annotations
 
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import yaml
 from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, WandbLogger  # the W&B class only: wandb is imported when used
 
 # Imported so that their classes can be named without a module path in configs.
 import distill.callbacks  # noqa: F401
 from distill.callbacks.checkpoint import last_checkpoint
-from distill.cli_errors import checkpoint_module_error, condensed, fail
+from distill.cli_errors import checkpoint_module_error, class_at, condensed, fail
 from distill.datamodules import VisionLanguageDataModule
 from distill.export.command import Gates, Quantisation, run_export
-from distill.files import check_writable_dir
+from distill.files import atomic_write_json, check_writable_dir
 from distill.modules import VisionLanguageTask
+from distill.run_info import run_info
 
 # Errors a user's config or files cause (bad model name, missing file, unknown domain...):
 # reported as one line before any training starts, not as a traceback.
 _USER_ERRORS = (ValueError, KeyError, FileNotFoundError, TypeError)
 _ONE_CYCLE = "torch.optim.lr_scheduler.OneCycleLR"
 _RUN_CHECKPOINT = "distill.callbacks.RunCheckpoint"
+_CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
+# --<prefix>objective_overrides.<name>.<argument>[=<value>]
+_OVERRIDE_FLAG = re.compile(r"^(--\S*objective_overrides)\.([^.=\s]+)\.([^.=\s]+)(?:=(.*))?$", re.S)
 
 
 class DistillArgumentParser(LightningArgumentParser):
@@ -47,6 +73,70 @@ class DistillArgumentParser(LightningArgumentParser):
         if not self.exit_on_error:  # jsonargparse is trying alternatives: let it
             return super().error(message, ex)
         raise fail(condensed(message, [action.dest for action in self._actions]))
+
+    def parse_args(self, args: Sequence[str] | None = None, *rest: Any, **kwargs: Any) -> Namespace:
+        args = sys.argv[1:] if args is None else args
+        return super().parse_args(_combined_override_flags(list(args)), *rest, **kwargs)
+
+
+def _combined_override_flags(args: list[str]) -> list[str]:
+    """``--...objective_overrides.<name>.<arg>=<v>`` flags as ``--...objective_overrides.<name>=<dict>``,
+    each holding every argument given so far for that name.
+
+    jsonargparse sets a dotted key of a nested dict by replacing the whole inner dict (and needs
+    a dict to be there already), so ``logit_kd.weight`` then ``logit_kd.temperature`` would keep
+    the temperature only. Values are read as YAML scalars, as on the command line.
+    """
+    combined: dict[tuple[str, str], dict[str, Any]] = {}
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        match = _OVERRIDE_FLAG.match(arg) if isinstance(arg, str) else None
+        if match is None:
+            out.append(arg)
+            i += 1
+            continue
+        prefix, name, argument, value = match.groups()
+        if value is None and i + 1 < len(args):  # "--flag value"
+            value, i = args[i + 1], i + 1
+        try:
+            parsed = yaml.safe_load(value) if value is not None else None
+        except yaml.YAMLError:
+            parsed = value
+        values = combined.setdefault((prefix, name), {})
+        values[argument] = parsed
+        out.append(f"{prefix}.{name}={json.dumps(values)}")
+        i += 1
+    return out
+
+
+class DistillSaveConfig(SaveConfigCallback):
+    """Lightning's ``config.yaml`` in the log dir, plus what makes a run reproducible and findable.
+
+    For every logger, the resolved config (all of ``model``, ``trainer``, ``data``...) goes to its
+    hyperparameters (the CSV logger's ``hparams.yaml``, the W&B run's config); ``run_info.json``
+    (``distill.run_info.run_info``: git commit, versions, command, host, teacher fingerprint) is
+    written to the log dir and, for W&B, into the run's config under ``run_info``.
+    """
+
+    _log_dir: str | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.already_saved:
+            self._log_dir = trainer.log_dir  # a collective call: every rank, before save_config (rank zero only)
+        super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        info = run_info(pl_module)
+        for logger in trainer.loggers:
+            logger.log_hyperparams(config)
+            if isinstance(logger, WandbLogger):
+                logger.experiment.config.update({"run_info": info}, allow_val_change=True)
+        if self._log_dir is not None:
+            Path(self._log_dir).mkdir(parents=True, exist_ok=True)
+            atomic_write_json(Path(self._log_dir) / "run_info.json", info)
 
 
 class DistillTrainer(pl.Trainer):
@@ -102,7 +192,16 @@ class DistillTrainer(pl.Trainer):
 
 
 class DistillCLI(LightningCLI):
-    """LightningCLI that reports configuration mistakes as one clear line."""
+    """LightningCLI that reports configuration mistakes as one clear line.
+
+    ``save_config_callback`` defaults to :class:`DistillSaveConfig` (config, resolved config to the
+    loggers, ``run_info.json``); the other arguments are LightningCLI's.
+    """
+
+    def __init__(
+        self, *args: Any, save_config_callback: type[SaveConfigCallback] | None = DistillSaveConfig, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, save_config_callback=save_config_callback, **kwargs)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -146,12 +245,11 @@ class DistillCLI(LightningCLI):
         root = trainer.default_root_dir or "."
         if self.subcommand in ("fit", None):  # None: run=False, a script that will fit
             self._add_run_checkpoint(config, root)
-        # One run folder: logs go under default_root_dir unless a logger is configured.
+        # One run folder: the CSV logs (and the log dir) stay under default_root_dir whatever else logs.
         if trainer.get("logger") in (None, True):
-            trainer.logger = Namespace(
-                class_path="lightning.pytorch.loggers.CSVLogger",
-                init_args=Namespace(save_dir=trainer.default_root_dir or ".", name="logs"),
-            )
+            trainer.logger = _csv_logger(root)
+        elif trainer.get("logger") is not False:
+            trainer.logger = _with_csv_logger(trainer.logger, root)
         # OneCycleLR's total_steps is linked to trainer.max_steps (add_arguments_to_parser).
         scheduler = (config.model.get("init_args") or Namespace()).get("lr_scheduler")
         is_one_cycle = isinstance(scheduler, Namespace) and scheduler.get("class_path") == _ONE_CYCLE
@@ -192,6 +290,26 @@ class DistillCLI(LightningCLI):
             note = f"; the last good checkpoint is {kept}" if kept.is_file() else "; no checkpoint was written before"
             raise fail(f"{err} at step {self.trainer.global_step}{note}") from err
 
+    # A W&B run ends with its command (an agent, a test or a notebook may run the next one in this process).
+    def after_fit(self) -> None:
+        self._finish_wandb()
+
+    def after_validate(self) -> None:
+        self._finish_wandb()
+
+    def after_test(self) -> None:
+        self._finish_wandb()
+
+    def after_predict(self) -> None:
+        self._finish_wandb()
+
+    def _finish_wandb(self) -> None:
+        if any(isinstance(logger, WandbLogger) for logger in self.trainer.loggers):
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -201,11 +319,43 @@ class DistillCLI(LightningCLI):
             raise fail(message) from err
 
 
+def _csv_logger(root: str) -> Namespace:
+    return Namespace(class_path=_CSV_LOGGER, init_args=Namespace(save_dir=root, name="logs"))
+
+
+def _configures(item: Any, cls: type) -> bool:
+    """Whether a logger entry of the config (a class_path namespace or an instance) is a ``cls``."""
+    if isinstance(item, Namespace):
+        try:
+            return issubclass(class_at(item.get("class_path") or ""), cls)
+        except (ImportError, AttributeError, ValueError, TypeError):
+            return False  # Lightning reports a class it cannot import itself
+    return isinstance(item, cls)
+
+
+def _with_csv_logger(logger: Any, root: str) -> list[Any]:
+    """The configured logger(s) after the run's CSV logger (unless one is configured); a WandbLogger
+    left at ``save_dir="."`` (and no ``dir``) writes under ``root``."""
+    loggers = list(logger) if isinstance(logger, list) else [logger]
+    for item in loggers:
+        if isinstance(item, Namespace) and _configures(item, WandbLogger):
+            init_args = item.get("init_args") or Namespace()
+            if init_args.get("save_dir", ".") in (".", None) and init_args.get("dir") is None:
+                init_args.save_dir = root
+                item.init_args = init_args
+    if not any(_configures(item, CSVLogger) for item in loggers):
+        loggers.insert(0, _csv_logger(root))
+    return loggers
+
+
 def _root_cause(err: BaseException) -> BaseException:
-    """The innermost exception: jsonargparse wraps errors raised in a class's __init__."""
-    while (err.__cause__ or err.__context__) is not None:
-        err = err.__cause__ or err.__context__
-    return err
+    """The innermost exception: jsonargparse wraps errors raised in a class's __init__ (one raised
+    ``from None`` replaces the error it handled, so it is innermost)."""
+    while True:
+        inner = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+        if inner is None:
+            return err
+        err = inner
 
 
 def main(args: list[str] | None = None, run: bool = True) -> DistillCLI:
@@ -228,7 +378,16 @@ def main(args: list[str] | None = None, run: bool = True) -> DistillCLI:
 
 
 def console_main() -> None:
-    """Entry point of the ``distill`` console script and ``python -m distill``."""
+    """Entry point of the ``distill`` console script and ``python -m distill``.
+
+    ``distill report RUN_DIR [--output FILE]`` writes a run's HTML page (``distill.report``); every
+    other subcommand is LightningCLI's.
+    """
+    if sys.argv[1:2] == ["report"]:
+        from distill.report import report_command
+
+        report_command(sys.argv[2:])
+        return
     main()
 
 

@@ -20,8 +20,9 @@ outside ``weighted_sum``, an objective returns NaN for NaN inputs.
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,7 +30,16 @@ from torch import nn
 
 from distill.cuda_ext import check_backend, infonce_loss, siglip_loss
 
-__all__ = ["DCL", "InfoNCE", "Objective", "SigLIP", "SimilarityObjective", "SoftTargetContrastive", "weighted_sum"]
+__all__ = [
+    "DCL",
+    "InfoNCE",
+    "Objective",
+    "SigLIP",
+    "SimilarityObjective",
+    "SoftTargetContrastive",
+    "apply_overrides",
+    "weighted_sum",
+]
 
 
 def _check_pair(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> None:
@@ -308,3 +318,79 @@ def _non_finite_error(losses: Mapping[str, torch.Tensor], outputs: Mapping[str, 
             kind = "nan" if bool(torch.isnan(loss).any()) else "inf"
             return FloatingPointError(f"loss term '{name}' is {kind}{detail}")
     return FloatingPointError(f"the weighted sum of finite loss terms is not finite (check the weights){detail}")
+
+
+def _init_arguments(cls: type) -> list[str]:
+    """Names of the keyword arguments of ``cls.__init__`` (without ``self``, ``*args``, ``**kwargs``)."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in list(inspect.signature(cls.__init__).parameters.values())[1:] if p.kind in kinds]
+
+
+def _overridable(obj: nn.Module) -> list[str]:
+    """The arguments an override may replace (all but ``name``: it is the key the override is found by)."""
+    return [arg for arg in _init_arguments(type(obj)) if arg != "name"]
+
+
+def apply_overrides(
+    objectives: Iterable[nn.Module], overrides: Mapping[str, Mapping[str, float]], where: str
+) -> list[nn.Module]:
+    """Objectives with some constructor arguments replaced, found by their log name.
+
+    Each override rebuilds its objective as ``type(obj)(**current_args, **override)``, so the
+    class's own checks run on the new values; the current arguments are read from the
+    attributes named like the ``__init__`` parameters. This is how a sweep or the command line
+    changes one term of a list of objectives (jsonargparse cannot index a list, but it can set a
+    dict key: ``--model.init_args.objective_overrides.logit_kd.temperature=4``). Objectives are
+    stateless, so nothing but the arguments is carried over.
+
+    Args:
+        objectives: modules with ``name`` (the term's log key ``train/loss_<name>``); an override
+            applies to every objective of that name (e.g. a term used in two training stages).
+        overrides: ``{name: {argument: value}}``, e.g. ``{"logit_kd": {"temperature": 4.0, "weight": 0.5}}``.
+        where: what the overrides are called, for error messages (e.g. ``objective_overrides``).
+
+    Returns:
+        The objectives in their order: the rebuilt ones in place of the originals, the others unchanged.
+
+    Raises:
+        ValueError: an override names no objective or an argument its class does not take
+            (naming the valid names and arguments), a value fails the class's own check, or an
+            argument of the objective is not kept as an attribute (so it cannot be rebuilt).
+    """
+    objectives = list(objectives)
+    valid: dict[str, list[str]] = {}
+    for obj in objectives:  # a name in two stages (the same term) offers the arguments both classes take
+        args = _overridable(obj)
+        valid[obj.name] = [a for a in valid[obj.name] if a in args] if obj.name in valid else args
+    described = "; ".join(f"{name} ({', '.join(args)})" for name, args in sorted(valid.items())) or "none"
+    for key, override in overrides.items():
+        if key not in valid:
+            raise ValueError(f"{where}: '{key}' names no objective; valid names and arguments: {described}")
+        unknown = sorted(set(override) - set(valid[key]))
+        if unknown:
+            raise ValueError(
+                f"{where}.{key}: {', '.join(map(repr, unknown))} is not an argument of objective '{key}'; "
+                f"valid names and arguments: {described}"
+            )
+    return [
+        _rebuild(obj, overrides[obj.name], f"{where}.{obj.name}") if obj.name in overrides else obj
+        for obj in objectives
+    ]
+
+
+def _rebuild(obj: nn.Module, override: Mapping[str, float], where: str) -> nn.Module:
+    """``type(obj)`` built again from its current arguments with ``override`` applied."""
+    cls = type(obj)
+    current = {}
+    for arg in _init_arguments(cls):
+        if not hasattr(obj, arg):
+            raise ValueError(
+                f"{where}: {cls.__name__} cannot be overridden: its argument '{arg}' is not kept as an attribute "
+                "of the same name"
+            )
+        current[arg] = getattr(obj, arg)
+    try:
+        return cls(**{**current, **override})
+    except (ValueError, TypeError) as err:
+        # "from None": this message, which names the override, is the one the CLI reports.
+        raise ValueError(f"{where}: {err}") from None

@@ -18,6 +18,9 @@ import torch
 
 from distill.cuda_ext import similarity_topk
 
+#: Prompts (classes x templates) from which building a class bank shows a progress bar.
+PROGRESS_PROMPTS = 4096
+
 
 def load_descriptors(path: str | os.PathLike, classnames: Sequence[str] | None = None) -> dict[str, list[str]]:
     """Read a descriptor JSON file: ``{"classname": ["descriptor", ...], ...}``.
@@ -69,8 +72,15 @@ def build_class_bank(
     if not templates or any("{}" not in t for t in templates):
         raise ValueError("every zero-shot template needs one '{}' placeholder for the class name")
     if descriptors is None:
+        # A bar when the bank takes a while (e.g. 1,000 classes x 80 templates through a large text tower).
         bank = open_clip.build_zero_shot_classifier(
-            model, tokenizer, list(classnames), list(templates), num_classes_per_batch=32, device=device
+            model,
+            tokenizer,
+            list(classnames),
+            list(templates),
+            num_classes_per_batch=32,
+            device=device,
+            use_tqdm=len(classnames) * len(templates) >= PROGRESS_PROMPTS,
         )
         return bank.T.contiguous()
     rows = []

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from distill.export import runtime
 from distill.export.bnb import quantise_linears, serialized_bytes
@@ -200,6 +201,10 @@ def export_bundle(
         "failures": [],
     }
     variants = report["variants"]
+    # One bar over the steps (the slow ones, quantisation, calibration and timing, take seconds to minutes).
+    total = 1 + len(bitsandbytes) + 1 + 2 * len(quantize) + 1 + 1 + int(task.has_text_tower) + 1
+    progress = tqdm(total=total, desc="export", unit="step")
+    progress.set_postfix_str("PyTorch fp32")
     with torch.no_grad():  # timed as deployed: no autograd graph
         variants["pytorch_fp32"] = {
             "kind": "pytorch",
@@ -207,7 +212,9 @@ def export_bundle(
             **eval_set.top1(reference),
             **_latencies(lambda x: image_encoder(torch.from_numpy(x)), runner_in, latency_repeats),
         }
+        progress.update()
         for bits in bitsandbytes:
+            progress.set_postfix_str(f"PyTorch bitsandbytes {bits}-bit")
             quantised, info = quantise_linears(network, bits)
             encoder = ImageEncoder(quantised)
             emb = torch_embeddings(encoder, torch_in)
@@ -219,6 +226,7 @@ def export_bundle(
                 **embedding_parity(reference, emb),
                 **_latencies(lambda x, e=encoder: e(torch.from_numpy(x)), runner_in, latency_repeats),
             }
+            progress.update()
 
     tmp = make_temp_dir(out)  # honours the umask (a mkdtemp folder would be 0700)
     try:
@@ -236,10 +244,14 @@ def export_bundle(
             gates,
             report,
             latency_repeats,
+            progress,
         )
+        progress.set_postfix_str("text tower")
         text_file = (
             _export_text(network, task.tokenizer, eval_set, tmp, opset, gates, report) if task.has_text_tower else None
         )
+        progress.update(int(task.has_text_tower))
+        progress.set_postfix_str("bundle")
         if report["failures"]:
             raise ParityError("; ".join(report["failures"]))
         default, reason = choose_default_image_model(latency_b1, image_models)
@@ -269,7 +281,10 @@ def export_bundle(
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(markdown_report(report))
         publish_dir(tmp, out)
+        progress.update()
+        progress.close()
     except BaseException:
+        progress.close()
         shutil.rmtree(tmp, ignore_errors=True)
         if report["failures"]:
             atomic_write_json(out.with_name(out.name + ".failed.json"), report)
@@ -291,6 +306,7 @@ def _export_images(
     gates: Gates,
     report,
     latency_repeats,
+    progress,
 ) -> tuple[list[str], dict[str, float]]:
     """Export, quantise, gate and time the image tower.
 
@@ -302,15 +318,23 @@ def _export_images(
         raise ValueError(f"unknown quantize option(s) {sorted(unknown)}; choose from dynamic, static")
     variants = report["variants"]
     fp32_path = tmp / "image_fp32.onnx"
+    progress.set_postfix_str("ONNX export")
     export_onnx(encoder, torch_in[:2], fp32_path, opset=opset, input_name="images")
+    progress.update()
     paths = {"fp32": fp32_path}
     if "dynamic" in quantize:
+        progress.set_postfix_str("INT8 dynamic")
         paths["int8_dynamic"] = quantize_int8_dynamic(fp32_path, tmp / "image_int8_dynamic.onnx")
+        progress.update()
     if "static" in quantize:
+        progress.set_postfix_str("INT8 static (calibration)")
         calib = runner_inputs(calibration, spec)
         paths["int8_static"] = quantize_int8_static(fp32_path, tmp / "image_int8_static.onnx", calib)
+        progress.update()
     passed, sessions = [], {}
     for name, path in paths.items():
+        progress.set_postfix_str(f"parity and accuracy: {name}")
+        progress.update()
         sess = sessions[name] = session(str(path))
         emb = ort_embeddings(sess, runner_in)
         row = {
@@ -333,6 +357,8 @@ def _export_images(
         else:
             path.unlink()  # dropped from the bundle; the report keeps its row
     runs = {name: (lambda x, s=sess: s.run(None, {"images": x})) for name, sess in sessions.items()}
+    progress.set_postfix_str("latency")
+    progress.update()
     for name, timing in interleaved_latencies(runs, runner_in, latency_repeats).items():
         variants[f"onnx_{name}"].update(timing)
     fp32_b1 = variants["onnx_fp32"]["latency_ms_b1"]

@@ -15,6 +15,11 @@ _LABELS = {
 }
 
 
+def variant_label(name: str) -> str:
+    """A readable name of an export variant key (``onnx_int8_static`` -> ``ORT INT8 static QDQ (per-channel)``)."""
+    return _LABELS.get(name, name)
+
+
 def _cell(row: dict, key: str, fmt: str) -> str:
     return format(row[key], fmt) if key in row else "-"
 
@@ -41,7 +46,7 @@ def markdown_report(report: dict[str, Any]) -> str:
     ]
     for name, row in report["variants"].items():
         lines.append(
-            f"| {_LABELS.get(name, name)} | {_cell(row, 'size_mib', '.3f')} | "
+            f"| {variant_label(name)} | {_cell(row, 'size_mib', '.3f')} | "
             f"{_cell(row, 'latency_ms_b1', '.3f')} | {_cell(row, 'latency_ms_b32', '.2f')} | "
             f"{_cell(row, 'id_top1', '.1f')} | {_cell(row, 'ood_top1', '.1f')} | "
             f"{_cell(row, 'max_abs_diff', '.1e')} | {_cell(row, 'min_cosine', '.5f')} | "
@@ -52,13 +57,13 @@ def markdown_report(report: dict[str, Any]) -> str:
         if "ops" in row:
             ops = row["ops"]
             notes.append(
-                f"- {_LABELS.get(name, name)}: {row['size_ratio_vs_fp32']:.0%} of fp32; onnxruntime runs "
+                f"- {variant_label(name)}: {row['size_ratio_vs_fp32']:.0%} of fp32; onnxruntime runs "
                 f"integer ops {ops['integer_ops'] or 'none'}, float compute ops "
                 f"{ops['float_compute_ops'] or 'none'}, conversions {ops['conversions'] or 'none'}."
             )
         if "linear_param_fraction" in row:
             notes.append(
-                f"- {_LABELS.get(name, name)}: {row['linear_layers']} Linear layers quantised, "
+                f"- {variant_label(name)}: {row['linear_layers']} Linear layers quantised, "
                 f"{row['linear_param_fraction']:.0%} of the parameters (convolutions stay fp32)."
             )
     if notes:

@@ -17,7 +17,7 @@ from distill.adapt_objectives import AdaptedCrossEntropy
 from distill.clip_models import save_local_dir
 from distill.lora import LoraSpec, adapters_disabled, apply_lora, merge_lora, save_adapters
 from distill.modules.base import VisionLanguageTask
-from distill.objectives import weighted_sum
+from distill.objectives import apply_overrides, weighted_sum
 from distill.prompt_files import save_prompt_file
 from distill.prompts import PromptLearner
 from distill.teachers import load_clip
@@ -75,6 +75,10 @@ class AdaptationModule(VisionLanguageTask):
         prompt_learner: prompt learner class and arguments (the model and tokenizer are passed in).
         lora: LoRA adapters on the model's attention (and optionally MLP) layers.
         objectives: weighted loss terms (default: cross entropy on the adapted logits).
+        objective_overrides: constructor arguments replaced in ``objectives``, keyed by the term's
+            log name (``train/loss_<name>``): ``{name: {argument: value}}``. Sweeps and the command
+            line set one term with ``--model.init_args.objective_overrides.kg.weight=4`` (a list
+            element cannot be addressed there); see ``distill.objectives.apply_overrides``.
         templates: prompt templates of the frozen zero-shot classifier and of LoRA's class text
             (default: the datamodule's).
         export_dir: folder written at the end of fit: ``adapters.safetensors`` and the merged
@@ -92,6 +96,7 @@ class AdaptationModule(VisionLanguageTask):
         prompt_learner: PromptLearnerCallable | None = None,
         lora: LoraSpec | None = None,
         objectives: list[nn.Module] | None = None,
+        objective_overrides: dict[str, dict[str, float]] | None = None,
         templates: list[str] | None = None,
         export_dir: str | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -108,7 +113,10 @@ class AdaptationModule(VisionLanguageTask):
         if lora is not None:
             apply_lora(self.model, lora)
         self.prompt_learner = prompt_learner(self.model, self.bundle.tokenizer) if prompt_learner else None
-        self.objectives = nn.ModuleList(objectives if objectives is not None else [AdaptedCrossEntropy()])
+        objectives = objectives if objectives is not None else [AdaptedCrossEntropy()]
+        if objective_overrides:
+            objectives = apply_overrides(objectives, objective_overrides, "objective_overrides")
+        self.objectives = nn.ModuleList(objectives)
         self.templates, self.export_dir = templates, export_dir
         self.preprocess_train = self.bundle.preprocess_train
         self.preprocess_val = self.bundle.preprocess_val

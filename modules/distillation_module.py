@@ -11,7 +11,7 @@ from torch import nn
 
 from distill.kd_objectives import LabelCrossEntropy
 from distill.modules.base import VisionLanguageTask
-from distill.objectives import weighted_sum
+from distill.objectives import apply_overrides, weighted_sum
 from distill.students import Student
 from distill.teachers import Teacher
 
@@ -34,6 +34,11 @@ class DistillationModule(VisionLanguageTask):
         objectives: weighted loss terms of the distillation stage (default: labels only).
         align_objectives: loss terms of the alignment stage (VL2V-ADiP stage 1).
         align_steps: optimizer steps spent on the alignment stage.
+        objective_overrides: constructor arguments replaced in the objectives of both stages, keyed
+            by the term's log name (``train/loss_<name>``): ``{name: {argument: value}}``; a name
+            used in both stages is changed in both. Sweeps and the command line set one term with
+            ``--model.init_args.objective_overrides.logit_kd.temperature=4`` (a list element
+            cannot be addressed there); see ``distill.objectives.apply_overrides``.
         templates: zero-shot templates for the training class bank (default: the datamodule's).
         cache_teacher: keep the teacher's embeddings of each training item in memory after
             their first computation, so later epochs skip the teacher's forward pass. Batches
@@ -49,6 +54,7 @@ class DistillationModule(VisionLanguageTask):
         objectives: list[nn.Module] | None = None,
         align_objectives: list[nn.Module] | None = None,
         align_steps: int = 0,
+        objective_overrides: dict[str, dict[str, float]] | None = None,
         templates: list[str] | None = None,
         cache_teacher: bool = True,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -67,8 +73,13 @@ class DistillationModule(VisionLanguageTask):
                 f"student embeds into {self.student.embed_dim} dimensions but the teacher into {teacher.embed_dim}: "
                 "the student needs a projection to the teacher's width"
             )
-        self.objectives = nn.ModuleList(objectives if objectives is not None else [LabelCrossEntropy()])
-        self.align_objectives = nn.ModuleList(align_objectives or [])
+        objectives = list(objectives) if objectives is not None else [LabelCrossEntropy()]
+        align_objectives = list(align_objectives or [])
+        if objective_overrides:
+            both = apply_overrides([*objectives, *align_objectives], objective_overrides, "objective_overrides")
+            objectives, align_objectives = both[: len(objectives)], both[len(objectives) :]
+        self.objectives = nn.ModuleList(objectives)
+        self.align_objectives = nn.ModuleList(align_objectives)
         if align_steps > 0 and not len(self.align_objectives):
             raise ValueError("align_steps > 0 needs align_objectives (VL2V-ADiP stage 1)")
         self.align_steps, self.templates, self.cache_teacher = align_steps, templates, cache_teacher

@@ -221,3 +221,82 @@ def test_weighted_sum_rejects_duplicate_names():
     out = {"image_embeds": img, "text_embeds": txt, "logit_scale": _scalar(1.0)}
     with pytest.raises(ValueError, match="share the name 'infonce'"):
         weighted_sum([InfoNCE(), InfoNCE(weight=0.5)], out)
+
+
+# apply_overrides: one term of a list changed by its log name, rebuilt through its own constructor.
+def _kd_outputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    img, txt = _pair(seed)
+    bank = F.normalize(
+        torch.randn(5, D, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64), dim=-1
+    )
+    return {
+        "image_embeds": img,
+        "teacher_image_embeds": txt,
+        "class_bank": bank,
+        "teacher_logit_scale": _scalar(10.0),
+        "labels": torch.tensor([0, 1, 2, 3, 4, 0, 1, -1]),
+    }
+
+
+def test_apply_overrides_rebuilds_the_named_terms_only():
+    from distill.kd_objectives import FeatureDistillation, LabelCrossEntropy, LogitDistillation
+    from distill.objectives import apply_overrides
+
+    label, kd = LabelCrossEntropy(), LogitDistillation(weight=0.5, temperature=2.0, backend="reference")
+    overrides = {"label_ce": {"label_smoothing": 0.1}, "logit_kd": {"temperature": 4, "weight": 3.0}}
+    new_label, new_kd = apply_overrides([label, kd], overrides, "objective_overrides")
+    assert type(new_kd) is LogitDistillation and new_kd is not kd and kd.temperature == 2.0  # the original is kept
+    assert (new_kd.name, new_kd.weight, new_kd.temperature, new_kd.backend) == ("logit_kd", 3.0, 4, "reference")
+    assert (new_label.name, new_label.weight, new_label.label_smoothing) == ("label_ce", 1.0, 0.1)
+
+    # The rebuilt terms compute with the new values: cross entropy with smoothing 0.1, KD at T = 4.
+    outputs = _kd_outputs()
+    total, terms = weighted_sum([new_label, new_kd], outputs)
+    s = outputs["teacher_logit_scale"] / 4
+    student = 10.0 * outputs["image_embeds"] @ outputs["class_bank"].T
+    teacher = 10.0 * outputs["teacher_image_embeds"] @ outputs["class_bank"].T
+    kl = F.softmax(teacher * s / 10, 1) * (F.log_softmax(teacher * s / 10, 1) - F.log_softmax(student * s / 10, 1))
+    expected_kd = kl.sum(1).mean() * 16
+    expected_ce = F.cross_entropy(student, outputs["labels"], ignore_index=-1, label_smoothing=0.1)
+    torch.testing.assert_close(terms["logit_kd"], expected_kd.detach(), **TOL)
+    torch.testing.assert_close(terms["label_ce"], expected_ce.detach(), **TOL)
+    torch.testing.assert_close(total, expected_ce + 3.0 * expected_kd, **TOL)
+
+    # A name used twice (a term of both training stages) changes everywhere; no override, no change.
+    both = [FeatureDistillation(loss="cosine"), FeatureDistillation(loss="cosine", weight=2.0)]
+    assert [o.weight for o in apply_overrides(both, {"fd_cosine": {"weight": 5.0}}, "x")] == [5.0, 5.0]
+    assert all(o.loss == "cosine" for o in apply_overrides(both, {"fd_cosine": {"weight": 5.0}}, "x"))
+    assert apply_overrides([label, kd], {}, "x") == [label, kd]
+
+
+def test_apply_overrides_errors_name_the_key_and_the_valid_choices():
+    from distill.kd_objectives import LabelCrossEntropy, LogitDistillation
+    from distill.objectives import apply_overrides
+
+    objectives = [LabelCrossEntropy(), LogitDistillation()]
+    # The class's own check runs on the new value.
+    with pytest.raises(ValueError, match=r"^objective_overrides\.logit_kd: temperature must be > 0, got -1"):
+        apply_overrides(objectives, {"logit_kd": {"temperature": -1}}, "objective_overrides")
+    valid = "label_ce (weight, label_smoothing); logit_kd (weight, temperature, backend)"
+    with pytest.raises(ValueError) as unknown_name:
+        apply_overrides(objectives, {"logit": {"temperature": 4}}, "objective_overrides")
+    assert (
+        str(unknown_name.value)
+        == f"objective_overrides: 'logit' names no objective; valid names and arguments: {valid}"
+    )
+    with pytest.raises(ValueError) as unknown_argument:
+        apply_overrides(objectives, {"logit_kd": {"temprature": 4}}, "objective_overrides")
+    assert str(unknown_argument.value) == (
+        f"objective_overrides.logit_kd: 'temprature' is not an argument of objective 'logit_kd'; "
+        f"valid names and arguments: {valid}"
+    )
+
+    class Hidden(nn.Module):
+        def __init__(self, weight: float = 1.0, scale: float = 2.0) -> None:
+            super().__init__()
+            self.weight, self.name, self._scale = weight, "hidden", scale
+
+    with pytest.raises(
+        ValueError, match="Hidden cannot be overridden: its argument 'scale' is not kept as an attribute"
+    ):
+        apply_overrides([Hidden()], {"hidden": {"weight": 2.0}}, "objective_overrides")
