@@ -105,3 +105,18 @@ def test_markdown_tables_and_headings_become_html():
     assert out.startswith("<h3>Title</h3>")
     assert "<p>some words</p>" in out and "<td>x &lt; y</td>" in out and "<th>a</th>" in out
     assert table_html(["a"], []) == ""  # no empty tables
+
+
+def test_distill_report_command_writes_the_page_and_fails_in_one_line(tmp_path, monkeypatch, capsys):
+    from distill.cli import console_main
+
+    _write_run(tmp_path / "run" / "logs" / "version_0")
+    monkeypatch.setattr("sys.argv", ["distill", "report", str(tmp_path / "run"), "--output", str(tmp_path / "a.html")])
+    console_main()
+    assert (tmp_path / "a.html").is_file()
+    assert f"report: {tmp_path / 'a.html'}" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["distill", "report", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit) as stop:
+        console_main()
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == f"distill report: error: run folder not found: {tmp_path / 'nowhere'}"
