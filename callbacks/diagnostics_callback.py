@@ -17,7 +17,7 @@ from distill.diagnostics import agreement_metrics, geometry_metrics, per_group
 from distill.files import atomic_write_json
 from distill.modules.base import VisionLanguageTask
 from distill.plots import plot_confusion, plot_retrieval_grid
-from distill.run_files import DIAGNOSTICS_FILE, PLOTS_DIR, derived_plots
+from distill.run_files import DIAGNOSTICS_FILE, PLOTS_DIR, derived_plots, diagnostics_rows
 
 _STAGE_SPLIT = {"val": "val", "test": "test"}
 
@@ -50,14 +50,15 @@ class TeacherStudentDiagnostics(pl.Callback):
     Args:
         max_items: evaluation items used (all when the split is smaller).
         plots: write the plots.
-        retrieval_queries: query captions in the retrieval grid (distinct captions, spread over the split).
+        retrieval_queries: query captions in the retrieval grid (distinct captions, spread over the split); a
+            retrieved image is a hit when its own caption is the query (its pair, or an item with the same caption).
         top_k_images: images per query in the retrieval grid.
         max_confusion_classes: classes shown in the confusion matrix (those with the most errors).
     """
 
     def __init__(
         self,
-        max_items: int = 2000,
+        max_items: int = 5000,
         plots: bool = True,
         retrieval_queries: int = 4,
         top_k_images: int = 5,
@@ -298,11 +299,12 @@ class TeacherStudentDiagnostics(pl.Callback):
                     queries,
                     images,
                     hits,
-                    title=f"{who}: caption -> image retrieval ({stage} split, top {self.top_k_images})",
+                    title=f"{who}: caption -> image retrieval ({stage} split, top {self.top_k_images}; "
+                    "hit: an image whose caption is the query)",
                 )
             )
         log_plots(trainer, stage, paths)
-        log_table(trainer, f"{stage}/diagnostics", *_diagnostics_table(last["result"]))
+        log_table(trainer, f"{stage}/diagnostics", *diagnostics_rows(last["result"]))
         rank_zero_info(f"plots: {plots_dir}")
 
     def _retrieval(self, datamodule: VisionLanguageDataModule, last: dict[str, Any], stage: str):
@@ -369,23 +371,11 @@ def _logged(result: dict[str, Any], stage: str) -> dict[str, float]:
     return {k: v for k, v in logged.items() if not math.isnan(v)}
 
 
-def _diagnostics_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """Columns and rows: one row per (model or agreement, domain), one column per metric."""
-    rows: dict[tuple[str, str], dict[str, float]] = {}
-    for who in ("student", "teacher"):
-        for domain, values in result.get(who, {}).get("geometry", {}).items():
-            rows[(who, domain)] = dict(values)
-    for domain, values in result.get("agreement", {}).items():
-        rows[("agreement", domain)] = dict(values)
-    metrics = sorted({m for values in rows.values() for m in values})
-    return ["model", "domain", *metrics], [[w, d, *(v.get(m) for m in metrics)] for (w, d), v in rows.items()]
-
-
 def _summary(result: dict[str, Any]) -> str:
-    columns, rows = _diagnostics_table(result)
+    columns, rows = diagnostics_rows(result)
     lines = [f"diagnostics ({result['stage']}, {result['items']} items): " + ", ".join(columns[2:])]
     for row in rows:
         if row[1] == "all":
             values = " ".join("-" if v is None else f"{v:.3f}" for v in row[2:])
-            lines.append(f"  {row[0]:<10} {values}")
+            lines.append(f"  {row[0]:<20} {values}")
     return "\n".join(lines)

@@ -45,12 +45,18 @@ def _suptitle(fig: Figure, title: str, size: float = 12) -> None:
 
 
 def _category_ticks(ax, xs: Sequence[float], labels: Sequence[str], slot_in: float, size: float = 9) -> None:
-    """Names as x tick labels, rotated 45 degrees when the longest does not fit its slot (``slot_in`` inches)."""
+    """Names as x tick labels: wrapped onto up to three lines to fit their slot (``slot_in`` inches), else
+    rotated 45 degrees."""
+    width = max(6, int(0.9 * slot_in * 72 / (0.6 * size)))  # characters per line that fit the slot
+    wrapped = [textwrap.fill(str(s), width, break_long_words=False) for s in labels]
+    fits = all(w.count("\n") < 3 and max(len(line) for line in w.split("\n")) <= width for w in wrapped)
+    if slot_in >= 0.5 and fits:  # a narrow slot (a confusion matrix's cells) always rotates
+        ax.set_xticks(list(xs), [_esc(s) for s in wrapped], fontsize=size)
+        return
     ax.set_xticks(list(xs), [_esc(s) for s in labels], fontsize=size)
-    if max((len(str(s)) for s in labels), default=0) * 0.6 * size / 72 > 0.9 * slot_in:
-        ax.tick_params(axis="x", labelrotation=45)
-        for t in ax.get_xticklabels():
-            t.set(ha="right", rotation_mode="anchor")
+    ax.tick_params(axis="x", labelrotation=45)
+    for t in ax.get_xticklabels():
+        t.set(ha="right", rotation_mode="anchor")
 
 
 def _bar_labels(ax, xs: Sequence[float], tops: Sequence[float], values: Sequence[float]) -> None:

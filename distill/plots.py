@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from distill.plot_layout import (
     _MARKERS,
@@ -160,6 +161,9 @@ def retention_figure(
             raise ValueError(f"series {name!r} has {len(vals)} values but there are {len(steps)} steps")
         ax.plot(steps, _fractions_to_percent(vals), marker=_MARKERS[k % 10], color=OKABE_ITO[k % 8], label=_esc(name))
     ax.axhline(100, ls="--", color="0.35", lw=1.2, label="teacher (100 %)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if steps:  # from step 0: a short run's one or two validations sit in the run's context
+        ax.set_xlim(0, max(steps) * 1.05 + 1)
     ax.set_xlabel("training step")
     ax.set_ylabel("retention (% of teacher)")
     ax.grid(alpha=0.3)

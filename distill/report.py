@@ -35,6 +35,7 @@ from distill.run_files import (
     RUN_INFO_FILE,
     ZEROSHOT_FILE,
     derived_plots,
+    diagnostics_rows,
     domain_groups,
     export_plot,
     export_reports,
@@ -155,7 +156,8 @@ def _accuracy_table(folder: Path, stage: str) -> str:
             row += [_pct(t), None if not t else round(100 * s / t, 1)]
         body.append(row)
     split = "validation" if stage == "val" else "test"
-    return table_html(headers, body, f"Zero-shot top-1 per domain ({split} split)")
+    items = f", {diagnostics['items']} items" if teacher and diagnostics and "items" in diagnostics else ""
+    return table_html(headers, body, f"Zero-shot top-1 per domain ({split} split{items})")
 
 
 def _retrieval_table(folder: Path, stage: str) -> str:
@@ -169,17 +171,8 @@ def _diagnostics_table(folder: Path, stage: str) -> str:
     diagnostics = read_json(folder / DIAGNOSTICS_FILE.format(stage=stage))
     if not diagnostics:
         return ""
-    rows: dict[tuple[str, str], dict[str, float]] = {}
-    for who in ("student", "teacher"):
-        for domain, values in diagnostics.get(who, {}).get("geometry", {}).items():
-            rows[(who, domain)] = values
-    for domain, values in diagnostics.get("agreement", {}).items():
-        rows[("student vs teacher", domain)] = values
-    metrics = sorted({m for values in rows.values() for m in values})
-    body = [[who, domain, *(values.get(m) for m in metrics)] for (who, domain), values in rows.items()]
-    return table_html(
-        ["model", "domain", *metrics], body, f"Diagnostics ({stage}, {diagnostics.get('items', '?')} items)"
-    )
+    columns, rows = diagnostics_rows(diagnostics)
+    return table_html(columns, rows, f"Diagnostics ({stage}, {diagnostics.get('items', '?')} items)")
 
 
 def _run_info_table(folder: Path) -> str:

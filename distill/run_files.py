@@ -90,11 +90,14 @@ def log_folders(run_dir: str | os.PathLike) -> list[Path]:
 
 def export_reports(run_dir: str | os.PathLike) -> list[Path]:
     """Export reports (``report.json`` of ``distill export``, holding ``variants``) under ``run_dir``."""
-    reports = []
+    reports, seen = [], set()
     for path in sorted(Path(run_dir).rglob("*.json")):
         if path.name in ("report.json", "export_report.json"):
             data = read_json(path)
-            if isinstance(data, dict) and isinstance(data.get("variants"), dict):
+            content = path.read_bytes()
+            # export_report.py copies the bundle's report beside it: one section per distinct report.
+            if isinstance(data, dict) and isinstance(data.get("variants"), dict) and content not in seen:
+                seen.add(content)
                 reports.append(path)
     return reports
 
@@ -108,7 +111,10 @@ def domain_groups(*payloads: dict[str, Any] | None) -> tuple[list[str], list[str
 
 
 def student_top1(zeroshot: dict[str, Any] | None, diagnostics: dict[str, Any] | None) -> dict[str, float]:
-    """Per-domain top-1 of the run's model: from ``ZeroShotEvaluation``'s file, else the diagnostics'."""
+    """Per-domain top-1 of the run's model: beside a teacher, the diagnostics' (measured on the same items as the
+    teacher's, so the two compare); else ``ZeroShotEvaluation``'s (every item), else the diagnostics'."""
+    if diagnostics and diagnostics.get("teacher", {}).get("top1") and diagnostics.get("student", {}).get("top1"):
+        return dict(diagnostics["student"]["top1"])
     if zeroshot:
         metrics = zeroshot.get("metrics", {})
         out = {k[len("top1_") :]: v for k, v in metrics.items() if k.startswith("top1_")}
@@ -116,6 +122,24 @@ def student_top1(zeroshot: dict[str, Any] | None, diagnostics: dict[str, Any] | 
         if out:
             return out
     return dict((diagnostics or {}).get("student", {}).get("top1", {}))
+
+
+def model_name(diagnostics: dict[str, Any], who: str) -> str:
+    """How tables and plots name a diagnostics side: the run's own model is the "student" only beside a teacher."""
+    return "model" if who == "student" and "teacher" not in diagnostics else who
+
+
+def diagnostics_rows(diagnostics: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """The diagnostics as one table: columns ``model, domain, <metrics...>``; a row per model (or the
+    student-teacher agreement) and domain ("all" first). Missing values are None."""
+    rows: dict[tuple[str, str], dict[str, float]] = {}
+    for who in ("student", "teacher"):
+        for domain, values in diagnostics.get(who, {}).get("geometry", {}).items():
+            rows[(model_name(diagnostics, who), domain)] = dict(values)
+    for domain, values in diagnostics.get("agreement", {}).items():
+        rows[("student vs teacher", domain)] = dict(values)
+    metrics = sorted({m for values in rows.values() for m in values})
+    return ["model", "domain", *metrics], [[w, d, *(v.get(m) for m in metrics)] for (w, d), v in rows.items()]
 
 
 def diagnostics_values(diagnostics: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -126,7 +150,7 @@ def diagnostics_values(diagnostics: dict[str, Any]) -> dict[str, dict[str, float
             values.setdefault(metric, {})[domain] = value
     for who in ("teacher", "student"):
         for metric, value in diagnostics.get(who, {}).get("geometry", {}).get("all", {}).items():
-            values.setdefault(metric, {})[who] = value
+            values.setdefault(metric, {})[model_name(diagnostics, who)] = value
     return {m: {k: v for k, v in d.items() if v is not None and not math.isnan(v)} for m, d in values.items()}
 
 
@@ -156,7 +180,7 @@ def derived_plots(folder: str | os.PathLike, stages: Iterable[str] = STAGES) -> 
                     ood_domains,
                     student_label="student" if teacher else "model",
                     teacher_label="teacher",
-                    title=f"Zero-shot top-1 per domain ({split} split)",
+                    title=f"Zero-shot top-1 per domain ({split} split{_items(teacher, diagnostics)})",
                 )
             )
         if diagnostics:
@@ -183,6 +207,11 @@ def derived_plots(folder: str | os.PathLike, stages: Iterable[str] = STAGES) -> 
                 )
             )
     return written
+
+
+def _items(teacher: dict[str, float] | None, diagnostics: dict[str, Any] | None) -> str:
+    """ ", N items" when the values come from the diagnostics (a subsample when the split is larger)."""
+    return f", {diagnostics['items']} items" if teacher and diagnostics and "items" in diagnostics else ""
 
 
 def retention_series(metrics: dict[str, list[tuple[int, float]]]) -> tuple[list[int], dict[str, list[float]]] | None:
