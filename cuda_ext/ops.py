@@ -2,8 +2,11 @@
 
 Backends: ``reference`` (plain formula, O(N M) memory), ``tiled`` (row blocks, O(N + M) memory,
 torch custom ops ``distill_tiled::*``), ``cuda`` (C++/CUDA custom ops ``distill_cuda::*``,
-built on first use). ``auto`` takes ``reference`` below ``AUTO_TILED_MIN_ELEMENTS`` logits, else
-``cuda`` for CUDA tensors when the extension builds, else ``tiled``.
+built on first use), ``cuda_fused`` (``distill_cuda_fused::*``: InfoNCE with the logit tiles kept
+on chip; refused until verified on a GPU, see ``_build.FUSED_VERIFIED``; ``DISTILL_FUSED_CUDA=1``
+opts in and also routes ``cuda`` to it). ``auto`` takes ``reference`` below
+``AUTO_TILED_MIN_ELEMENTS`` logits, else ``cuda`` for CUDA tensors when the extension builds,
+else ``tiled``.
 
 Every op checks its inputs (shapes, dtypes, devices, and by default NaN/inf, naming the
 tensor). The NaN/inf check costs one host sync per call; ``check_finite=False`` skips it for
@@ -21,7 +24,7 @@ import torch
 from . import _build, _tiled_ops, reference  # noqa: F401
 from ._validate import as_scalar, check_embeddings, check_offset, check_weights
 
-Backend = Literal["auto", "reference", "tiled", "cuda"]
+Backend = Literal["auto", "reference", "tiled", "cuda", "cuda_fused"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 #: From this many logits (N * M) on, ``auto`` leaves the plain formula: measured on CPU, tiled
 #: is slower at N = 1,024 (fewer, smaller GEMMs) and faster from N = 4,096 on.
@@ -47,14 +50,21 @@ def resolve_backend(backend: str, x: torch.Tensor, n: int, m: int) -> str:
 
     Raises:
         ValueError: unknown backend name.
-        RuntimeError: ``cuda`` requested for CPU tensors or the extension cannot be built.
+        RuntimeError: ``cuda``/``cuda_fused`` requested for CPU tensors or the extension cannot be
+            built; ``cuda_fused`` before it was verified on a GPU (without the opt-in).
     """
-    if check_backend(backend) == "cuda":
+    if check_backend(backend) in ("cuda", "cuda_fused"):
+        fused = backend == "cuda_fused" or _build.FUSED_OPT_IN
+        if fused:
+            _build.check_fused_allowed()
         if x.device.type != "cuda":
             raise RuntimeError(
-                f"backend='cuda' needs CUDA tensors, but the embeddings are on {x.device}; "
+                f"backend={backend!r} needs CUDA tensors, but the embeddings are on {x.device}; "
                 "use backend='tiled' or 'auto' on CPU"
             )
+        if fused:
+            _build.load_fused()
+            return "cuda_fused"
         _build.load()
         return "cuda"
     if backend != "auto":
@@ -67,7 +77,11 @@ def resolve_backend(backend: str, x: torch.Tensor, n: int, m: int) -> str:
 
 
 def _ops(name: str):
-    return torch.ops.distill_cuda if name == "cuda" else torch.ops.distill_tiled
+    if name == "cuda":
+        return torch.ops.distill_cuda
+    if name == "cuda_fused":
+        return torch.ops.distill_cuda_fused
+    return torch.ops.distill_tiled
 
 
 def infonce_loss(
@@ -96,7 +110,7 @@ def infonce_loss(
         offset: column of row 0's positive.
         row_weight: weight of the image->text term.
         col_weight: weight of the text->image term.
-        backend: ``auto``, ``reference``, ``tiled`` or ``cuda``.
+        backend: ``auto``, ``reference``, ``tiled``, ``cuda`` or ``cuda_fused``.
         block_rows: rows per block for tiled/cuda (0: about 8 Mi logits per block).
         check_finite: reject NaN/inf embeddings (one host sync; see the module docstring).
 
@@ -136,7 +150,7 @@ def siglip_loss(
         logit_scale: exponentiated temperature (float or 0-d tensor).
         logit_bias: additive bias (float or 0-d tensor).
         offset: column of row 0's positive.
-        backend: ``auto``, ``reference``, ``tiled`` or ``cuda``.
+        backend: ``auto``, ``reference``, ``tiled``, ``cuda`` or ``cuda_fused``.
         block_rows: rows per block (0: automatic).
         check_finite: reject NaN/inf embeddings (one host sync; see the module docstring).
 
@@ -191,7 +205,7 @@ def kd_loss(
         col_weight: weight of the text->image (column) term.
         contrastive_weight: weight of the added student InfoNCE (needs N == M).
         kind: ``kl`` or ``ce``.
-        backend: ``auto``, ``reference``, ``tiled`` or ``cuda``.
+        backend: ``auto``, ``reference``, ``tiled``, ``cuda`` or ``cuda_fused``.
         block_rows: rows per block (0: automatic).
         check_finite: reject NaN/inf embeddings (one host sync; see the module docstring).
 
@@ -241,7 +255,7 @@ def similarity_topk(
         queries: (N, D), e.g. image embeddings.
         keys: (M, D), e.g. a class bank or caption embeddings.
         k: how many per row, 1 <= k <= M.
-        backend: ``auto``, ``reference``, ``tiled`` or ``cuda``.
+        backend: ``auto``, ``reference``, ``tiled``, ``cuda`` or ``cuda_fused``.
         block_rows: rows per block (0: automatic).
 
     Returns:

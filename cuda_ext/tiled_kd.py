@@ -1,9 +1,15 @@
 """Tiled teacher-student distillation: KL of row and column softmax distributions, O(N + M).
 
 Student logits S = scale a b^T, teacher logits T = teacher_scale ta tb^T (treated as constants).
-The forward sweep keeps, per row, the student's and teacher's log-sum-exp and the teacher-weighted
-sum of X (X = T - S for KL, -S for soft cross entropy); per column the same with online rescaling
-of the running sums when a column maximum grows. The backward recomputes S and T per block:
+Per row, with student maximum m and teacher maximum t: KL = sum_j P Y / sum_j P + log sum_j
+exp(S_j - m) - log sum_j exp(T_j - t), where P = exp(T - t) and Y = (m - S) - (t - T); the soft
+cross entropy (``ce``) drops the teacher's part of Y and the last log. Y is centred on the row's
+own maxima, so a small loss is never the difference of two numbers near the logit scale. Columns
+use the same formula on running column maxima: when a maximum grows the running sums are
+rescaled and the weighted sum of Y recentred (Y grows by the same amount in the whole column).
+As in ``tiled``, each exponential is relative to its own row's or column's maximum (no underflow,
+no recompute) and the diagonal (the contrastive positives) is left out of every sum and added
+back exactly. The backward recomputes S and T per block:
 dL/dS = w_row/N ((1+c) P_s - P_t - c I) + w_col/M ((1+c) Q_s - Q_t - c I), with P row and Q
 column softmaxes and c the contrastive weight.
 """
@@ -11,39 +17,70 @@ column softmaxes and c the contrastive weight.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
-from .tiled import _blocks, _buffers, _chunks, _compute, _fix_underflow, _merge_cols, _neg_log, _scratch, _tiny
+from .tiled import (
+    BLOCK_ELEMENTS,
+    CHUNK_ELEMENTS,
+    _block_floor,
+    _blocks,
+    _buffers,
+    _chunks,
+    _col_sums_gemv,
+    _compute,
+    _exp_sub,
+    _log_sum,
+    _merge,
+    _neg_log,
+    _scratch,
+    _span,
+    _top,
+)
+
+#: The forward's two row chunks of scratch together take what the backward's one does.
+_FWD_CHUNK = CHUNK_ELEMENTS // 2
 
 
-def _teacher_cols(
-    row_max: torch.Tensor, probs: torch.Tensor, x: torch.Tensor, recompute: Callable, col: list[torch.Tensor]
-) -> None:
-    """Online column update of (max, sum exp(T - max), sum exp(T - max) X) for one block.
+class _Stats:
+    """Statistics of one direction (rows or columns) of both similarity matrices, (L,) each.
 
-    ``probs`` holds exp(T - row max) and is overwritten with probs * X. As in
-    ``tiled._fix_underflow`` the column sums are GEMVs with weights exp(row max - block max);
-    columns that underflow are recomputed exactly by ``recompute(cols) -> (T[:, cols], X[:, cols])``.
+    ``s_max``/``t_max``: student/teacher maxima (running for columns); ``s_rest``/``t_rest``: sums
+    of exp(x - max) without the diagonal; ``dot``: sum of exp(T - t_max) Y without the diagonal;
+    ``s_pos``/``t_pos``: the diagonal entries.
     """
-    top = row_max.max()
-    w = torch.exp(row_max - top)
-    sums = torch.mv(probs.T, w)
-    dots = torch.mv(probs.mul_(x).T, w)
-    maxes = top.expand_as(sums).clone()
-    bad = (sums < _tiny(sums.dtype)).nonzero().squeeze(1)
-    if bad.numel():
-        t_sub, x_sub = recompute(bad)
-        maxes[bad] = t_sub.amax(dim=0)
-        e = torch.exp(t_sub - maxes[bad])
-        sums[bad], dots[bad] = e.sum(dim=0), (e * x_sub).sum(dim=0)
-    col_max, col_sum, col_dot = col
-    new_max = torch.maximum(col_max, maxes)
-    old, new = torch.exp(col_max - new_max), torch.exp(maxes - new_max)
-    col_sum.mul_(old).add_(sums * new)
-    col_dot.mul_(old).add_(dots * new)
-    col_max.copy_(new_max)
+
+    def __init__(self, length: int, like: torch.Tensor) -> None:
+        self.s_max, self.t_max = (like.new_full((length,), -math.inf) for _ in range(2))
+        self.s_rest, self.t_rest, self.dot = (like.new_zeros(length) for _ in range(3))
+        self.s_pos, self.t_pos = (like.new_empty(length) for _ in range(2))
+
+    def finish(self, k: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Close the sums; the first ``k`` entries have a diagonal entry, the others none.
+
+        Returns:
+            (terms, contrastive, lse_s, lse_t), each (L,): the KD term of each entry, the student's
+            lse - diagonal (its InfoNCE term), and the student's and teacher's log-sum-exp.
+        """
+        # Without a diagonal the maximum's own term (1) is in the rest: treat it as the left-out one.
+        self.s_pos[k:], self.t_pos[k:] = self.s_max[k:], self.t_max[k:]
+        self.s_rest[k:] -= 1
+        self.t_rest[k:] -= 1
+        gap_s, gap_t = self.s_max - self.s_pos, self.t_max - self.t_pos
+        log_s, log_t = _log_sum(gap_s, self.s_rest), _log_sum(gap_t, self.t_rest)
+        diag_y = gap_s - gap_t if kind == "kl" else gap_s.clone()
+        diag_y[k:] = 0.0  # no diagonal: nothing was left out of the weighted sum
+        dot = torch.exp(-gap_t).mul_(diag_y).add_(self.dot)
+        terms = dot.div_(torch.exp(log_t)).add_(log_s)
+        if kind == "kl":
+            terms.sub_(log_t)
+        return terms, log_s + gap_s, log_s + self.s_max, log_t.add_(self.t_max)
+
+
+def _y(s: torch.Tensor, t: torch.Tensor, s_ref: torch.Tensor, t_ref: torch.Tensor, out: torch.Tensor, kind: str):
+    """Y = (s_ref - S) - (t_ref - T) for KL, s_ref - S for ce, into ``out``."""
+    y = torch.sub(s_ref, s, out=out)
+    return y.add_(t).sub_(t_ref) if kind == "kl" else y
 
 
 def kd_fwd(
@@ -67,50 +104,61 @@ def kd_fwd(
     """
     a_c, b_c, ta_c, tb_c = _compute(a), _compute(b), _compute(ta), _compute(tb)
     n, m = a_c.shape[0], b_c.shape[0]
+    k = min(n, m)
     s, ts = scale.to(a_c.dtype), teacher_scale.to(a_c.dtype)
-    lse_s, lse_t, row_dot = (a_c.new_empty(n) for _ in range(3))
-    s_col = [a_c.new_full((m,), -math.inf), a_c.new_zeros(m)]
-    t_col = [a_c.new_full((m,), -math.inf), a_c.new_zeros(m), a_c.new_zeros(m)]
+    spans = _span(a_c, b_c, s), _span(ta_c, tb_c, ts)
+    row, col = _Stats(n, a_c), _Stats(m, a_c)
     buf_s, buf_t = _buffers(2, n, m, block, a_c)
-    scratch = _scratch(n, m, block, a_c)
+    w1, w2 = (_scratch(n, m, block, a_c, BLOCK_ELEMENTS, _FWD_CHUNK) for _ in range(2))
     for r0, r1 in _blocks(n, m, block):
-        r = r1 - r0
-        a_blk, ta_blk = a_c[r0:r1] * s, ta_c[r0:r1] * ts
-        sb = torch.mm(a_blk, b_c.T, out=buf_s[:r])
-        tb_ = torch.mm(ta_blk, tb_c.T, out=buf_t[:r])
-        # Student statistics in row chunks (S itself is still needed for X below).
-        row_max = sb.amax(dim=1)
-        top = row_max.max()
-        w, row_sum, sums = torch.exp(row_max - top), a_c.new_empty(r), a_c.new_zeros(m)
-        for c0, c1 in _chunks(r, m):
-            p = torch.sub(sb[c0:c1], row_max[c0:c1, None], out=scratch[: c1 - c0]).exp_()
-            row_sum[c0:c1] = p.sum(dim=1)
-            sums.addmv_(p.T, w[c0:c1])
-        lse_s[r0:r1] = row_sum.log_().add_(row_max)
-        _merge_cols(*s_col, _fix_underflow(top, sums, lambda cols, a_blk=a_blk: a_blk @ b_c[cols].T), sums)
-        x = torch.sub(tb_, sb, out=sb) if kind == "kl" else sb.neg_()  # X overwrites S
-        # Teacher statistics in place: T is not needed once exp(T - row max) is formed.
-        row_max = tb_.amax(dim=1)
-        probs = tb_.sub_(row_max[:, None]).exp_()
-        row_sum = probs.sum(dim=1)
-        lse_t[r0:r1] = row_sum.log().add_(row_max)
-
-        def recompute(cols: torch.Tensor, a_blk=a_blk, ta_blk=ta_blk) -> tuple[torch.Tensor, torch.Tensor]:
-            t_sub, s_sub = ta_blk @ tb_c[cols].T, a_blk @ b_c[cols].T
-            return t_sub, (t_sub - s_sub if kind == "kl" else -s_sub)
-
-        _teacher_cols(row_max, probs, x, recompute, t_col)
-        row_dot[r0:r1] = probs.sum(dim=1) / row_sum  # probs now holds exp(T - row max) * X
-    lse_sc = s_col[1].log_().add_(s_col[0])
-    lse_tc = t_col[1].log().add_(t_col[0])
-    col_dot = t_col[2] / t_col[1]
-    # Row i: sum_j P_t X_ij + lse_S(i) (- lse_T(i) for KL, since sum_j P_t T_ij - lse_T(i) = -H(P_t)).
-    rows = row_dot + lse_s - (lse_t if kind == "kl" else 0.0)
-    cols = col_dot + lse_sc - (lse_tc if kind == "kl" else 0.0)
-    loss = w_row * rows.mean() + w_col * cols.mean()
-    if contrastive_weight:
-        pos = (a_c * b_c).sum(dim=1) * s
-        loss = loss + contrastive_weight * (w_row * (lse_s - pos).mean() + w_col * (lse_sc - pos).mean())
+        sb = torch.mm(a_c[r0:r1] * s, b_c.T, out=buf_s[: r1 - r0])
+        tb_ = torch.mm(ta_c[r0:r1] * ts, tb_c.T, out=buf_t[: r1 - r0])
+        d = slice(r0, max(r0, min(r1, k)))  # rows of this block with a diagonal entry
+        for stats in (row, col):
+            stats.s_pos[d], stats.t_pos[d] = sb.diagonal(r0), tb_.diagonal(r0)
+        row.s_max[r0:r1], row.t_max[r0:r1] = sb.amax(dim=1), tb_.amax(dim=1)
+        # Moderate logit ranges (see tiled.infonce_fwd): no clamp, column sums as GEMVs of the row pass.
+        floor = _block_floor(a_c.dtype, spans[0], row.s_max[r0:r1].max().item(), sb)
+        if floor is None:
+            floor = _block_floor(a_c.dtype, spans[1], row.t_max[r0:r1].max().item(), tb_)
+        for c0, c1 in _chunks(r1 - r0, m, _FWD_CHUNK):
+            rows, diag, sc, tc = slice(r0 + c0, r0 + c1), r0 + c0, sb[c0:c1], tb_[c0:c1]
+            y_out, e_out, s_row, t_row = w1[: c1 - c0], w2[: c1 - c0], row.s_max[rows], row.t_max[rows]
+            # Columns: grow the running maxima, rescale the sums and recentre Y (it grows by s_grow - t_grow).
+            s_max, t_max = torch.maximum(col.s_max, sc.amax(dim=0)), torch.maximum(col.t_max, tc.amax(dim=0))
+            s_grow = torch.nan_to_num(_merge(col.s_max, col.s_rest, s_max), posinf=0.0)
+            t_grow = torch.nan_to_num(_merge(col.t_max, col.t_rest, t_max), posinf=0.0)
+            col.dot.mul_(torch.exp(-t_grow)).addcmul_(s_grow - t_grow if kind == "kl" else s_grow, col.t_rest)
+            # Teacher rows (S and T stay for the columns).
+            e = _exp_sub(tc, t_row[:, None], e_out, floor)
+            e.diagonal(diag).zero_()
+            row.t_rest[rows] = e.sum(dim=1)
+            if floor is None:  # fast path: teacher columns from the row exponentials
+                y = _y(sc, tc, s_max, t_max, y_out, kind).mul_(e)
+                col.dot.add_(_col_sums_gemv(y, t_row, t_max))
+                col.t_rest.add_(_col_sums_gemv(e, t_row, t_max))
+            y = _y(sc, tc, s_row[:, None], t_row[:, None], y_out, kind)
+            row.dot[rows] = e.mul_(y).sum(dim=1)
+            if floor is not None:  # columns, each exponential relative to its own column maximum
+                y = _y(sc, tc, s_max, t_max, y_out, kind)
+                e = _exp_sub(tc, t_max, e_out, floor)
+                e.diagonal(diag).zero_()
+                col.t_rest.add_(e.sum(dim=0))
+                col.dot.add_(e.mul_(y).sum(dim=0))
+                e = _exp_sub(sc, s_max, e_out, floor)
+                e.diagonal(diag).zero_()
+                col.s_rest.add_(e.sum(dim=0))
+            # Student rows last: S is not needed after this.
+            e = _exp_sub(sc, s_row[:, None], sc, floor)
+            e.diagonal(diag).zero_()
+            row.s_rest[rows] = e.sum(dim=1)
+            if floor is None:
+                col.s_rest.add_(_col_sums_gemv(e, s_row, s_max))
+    rows, con_r, lse_s, lse_t = row.finish(k, kind)
+    cols, con_c, lse_sc, lse_tc = col.finish(k, kind)
+    loss = w_row * rows.double().mean() + w_col * cols.double().mean()
+    if contrastive_weight:  # the student's InfoNCE (N == M)
+        loss = loss + contrastive_weight * (w_row * con_r.double().mean() + w_col * con_c.double().mean())
     stats = a_c.new_full((4, max(n, m)), math.inf)
     stats[0, :n], stats[1, :n], stats[2, :m], stats[3, :m] = lse_s, lse_t, lse_sc, lse_tc
     return loss.to(a.dtype), stats
@@ -140,6 +188,7 @@ def kd_bwd(
     t_row = stats[1, :n] + _neg_log(w_row / n)
     s_col = stats[2, :m] + _neg_log(w_col * (1 + c) / m)
     t_col = stats[3, :m] + _neg_log(w_col / m)
+    spans, tops = (_span(a_c, b_c, s), _span(ta_c, tb_c, ts)), (_top(s_row, s_col), _top(t_row, t_col))
     da, db = torch.empty_like(a_c), torch.zeros_like(b_c)
     dscale = a_c.new_zeros(())
     buf_s, buf_t = _buffers(2, n, m, block, a_c)
@@ -148,12 +197,15 @@ def kd_bwd(
         r, a_blk = r1 - r0, a_c[r0:r1]
         g = torch.mm(a_blk * s, b_c.T, out=buf_s[:r])
         t = torch.mm(ta_c[r0:r1] * ts, tb_c.T, out=buf_t[:r])
+        floor = _block_floor(a_c.dtype, spans[0], tops[0], g)
+        if floor is None:
+            floor = _block_floor(a_c.dtype, spans[1], tops[1], t)
         for c0, c1 in _chunks(r, m):
             gc_, tc_, rows = g[c0:c1], t[c0:c1], slice(r0 + c0, r0 + c1)
-            p = torch.sub(gc_, s_row[rows, None], out=scratch[: c1 - c0]).exp_()
-            gc_.sub_(s_col).exp_().add_(p)
-            p = torch.sub(tc_, t_row[rows, None], out=scratch[: c1 - c0]).exp_()
-            tc_.sub_(t_col).exp_().add_(p)
+            p = _exp_sub(gc_, s_row[rows, None], scratch[: c1 - c0], floor)
+            _exp_sub(gc_, s_col, gc_, floor).add_(p)
+            p = _exp_sub(tc_, t_row[rows, None], scratch[: c1 - c0], floor)
+            _exp_sub(tc_, t_col, tc_, floor).add_(p)
             gc_.sub_(tc_)
         if c:
             g.diagonal(r0).sub_(c * (w_row / n + w_col / m))
