@@ -111,7 +111,7 @@ def infonce_loss(
         row_weight: weight of the image->text term.
         col_weight: weight of the text->image term.
         backend: ``auto``, ``reference``, ``tiled``, ``cuda`` or ``cuda_fused``.
-        block_rows: rows per block for tiled/cuda (0: about 8 Mi logits per block).
+        block_rows: rows per block for tiled/cuda (0: the backend picks, 16-24 Mi logits per block on tiled).
         check_finite: reject NaN/inf embeddings (one host sync; see the module docstring).
 
     Returns:
