@@ -179,7 +179,7 @@ def test_nan_teacher_embeddings_name_the_term_and_the_tensor(outputs, objective)
 @pytest.mark.parametrize("cls", [AffinityDistillation, InteractiveContrastive, LogitDistillation])
 def test_backend_name_is_checked_by_the_engine(cls):
     with pytest.raises(
-        ValueError, match=r"backend must be one of \('auto', 'reference', 'tiled', 'cuda'\), got 'tiles'"
+        ValueError, match=r"backend must be one of \('auto', 'reference', 'tiled', 'cuda', 'cuda_fused'\), got 'tiles'"
     ):
         cls(backend="tiles")
     assert cls(backend="tiled").backend == "tiled"
