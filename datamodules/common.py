@@ -50,7 +50,8 @@ class Views:
     ) -> None:
         self.transform, self.teacher_transform, self.augment = transform, teacher_transform, augment
 
-    def __call__(self, image: Image.Image) -> dict[str, Any]:
+    def __call__(self, image: Image.Image, index: int) -> dict[str, Any]:
+        """The views of dataset item ``index`` (the index lets an augmentation be replayed per item)."""
         if self.augment is not None:
             image = self.augment(image)
         views: dict[str, Any] = {"image": self.transform(image), "augmented": self.augment is not None}
@@ -59,9 +60,11 @@ class Views:
         return views
 
 
-def sample_views(transform: Callable[[Image.Image], dict[str, Any]] | None, image: Image.Image) -> dict[str, Any]:
-    """A dataset's views of one image: ``transform(image)``, or the raw PIL image when None."""
-    return {"image": image} if transform is None else transform(image)
+def sample_views(
+    transform: Callable[[Image.Image, int], dict[str, Any]] | None, image: Image.Image, index: int
+) -> dict[str, Any]:
+    """A dataset's views of item ``index``: ``transform(image, index)``, or the raw PIL image when None."""
+    return {"image": image} if transform is None else transform(image, index)
 
 
 class ImageTextCollate:

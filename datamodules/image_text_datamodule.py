@@ -225,7 +225,7 @@ class CsvPairsDataset(Dataset):
                 f"({type(err).__name__}: {err}); it was readable when the data was set up"
             ) from err
         return {
-            **sample_views(self.transform, image),
+            **sample_views(self.transform, image, index),
             "caption": row[self.caption_column],
             "label": self.labels[index],
             "domain": self.domains[index],

@@ -107,7 +107,7 @@ class ShapesWorldDataset(Dataset):
         else:
             it = self.item(index)
             pixels, caption = it.image, it.caption
-        views = sample_views(self.transform, Image.fromarray(pixels))
+        views = sample_views(self.transform, Image.fromarray(pixels), index)
         return {**views, "caption": caption, "label": label, "domain": domain, "index": index}
 
 

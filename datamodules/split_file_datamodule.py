@@ -97,7 +97,7 @@ class SplitFileDataset(Dataset):
                 f"{entry.where()}: cannot read image {path} ({type(err).__name__}: {err})"
             ) from err
         return {
-            **sample_views(self.transform, image),
+            **sample_views(self.transform, image, index),
             "caption": self.captions[entry.label],
             "label": entry.label,
             "domain": self.domains[index],
