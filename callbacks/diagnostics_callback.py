@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from distill.callbacks.media import log_plots, log_table
+from distill.data_parallel import gather_items
 from distill.datamodules.base import VisionLanguageDataModule
 from distill.diagnostics import agreement_metrics, geometry_metrics, per_group
 from distill.files import atomic_write_json
@@ -46,6 +47,10 @@ class TeacherStudentDiagnostics(pl.Callback):
     ``WandbLogger`` they are also logged as W&B media and the tables as W&B tables.
 
     The teacher embeds each kept evaluation item once; its embeddings are reused by later validations.
+    Under data parallelism each rank embeds its share of the split; the kept items are gathered
+    once, repeated items (the ``DistributedSampler``'s padding) dropped by ``index`` and put in
+    index order (``distill.data_parallel.gather_items``), so the results equal a single process's;
+    rank 0 writes the JSON and the plots.
 
     Args:
         max_items: evaluation items used (all when the split is smaller).
@@ -75,6 +80,7 @@ class TeacherStudentDiagnostics(pl.Callback):
         self._buffer: dict[str, list] = {}
         self._stride = 1
         self._last: dict[str, dict[str, Any]] = {}
+        self._folder = Path(".")
 
     # Set-up and collection -------------------------------------------------------------------
     @staticmethod
@@ -175,13 +181,18 @@ class TeacherStudentDiagnostics(pl.Callback):
         if self.plots and trainer.is_global_zero and "val" in self._last:
             self._plot(trainer, "val")
 
-    def _gathered(self, pl_module: VisionLanguageTask, key: str) -> torch.Tensor | None:
-        if not self._buffer[key]:
-            return None
-        local = torch.cat(self._buffer[key])
-        if pl_module.trainer.world_size > 1:
-            local = pl_module.all_gather(local.to(pl_module.device)).flatten(0, 1).cpu()
-        return local
+    def _items(self, pl_module: VisionLanguageTask) -> tuple[dict[str, torch.Tensor | None], list[str]]:
+        """The kept items of every rank, once each, on the CPU: tensors by buffer name, and the captions."""
+        local = {k: torch.cat(v) if v else None for k, v in self._buffer.items() if k != "caption"}
+        if pl_module.trainer.world_size == 1:
+            return local, list(self._buffer["caption"])
+        device = pl_module.device
+        index = local.pop("index")
+        index = torch.zeros(0, dtype=torch.long) if index is None else index
+        moved = {k: None if t is None else t.to(device) for k, t in local.items()}
+        index, items, lists = gather_items(index.to(device), moved, {"caption": self._buffer["caption"]})
+        items = {k: None if t is None else t.cpu() for k, t in items.items()}
+        return {**items, "index": index.cpu()}, lists["caption"] or []
 
     @torch.no_grad()
     def _scores(self, pl_module: VisionLanguageTask, images: torch.Tensor, teacher: bool) -> torch.Tensor:
@@ -203,12 +214,12 @@ class TeacherStudentDiagnostics(pl.Callback):
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: VisionLanguageTask, stage: str) -> None:
         datamodule = trainer.datamodule
-        images = self._gathered(pl_module, "image")
+        items, captions = self._items(pl_module)
+        images = items["image"]
         if images is None:
             return
-        texts, labels = self._gathered(pl_module, "text"), self._gathered(pl_module, "label")
-        domains, indices = self._gathered(pl_module, "domain"), self._gathered(pl_module, "index")
-        t_images, t_texts = self._gathered(pl_module, "teacher_image"), self._gathered(pl_module, "teacher_text")
+        texts, labels, domains, indices = items["text"], items["label"], items["domain"], items["index"]
+        t_images, t_texts = items["teacher_image"], items["teacher_text"]
         names = list(datamodule.domain_names)
         labelled = labels >= 0
         has_classes = bool(datamodule.classnames) and bool(labelled.any())
@@ -248,13 +259,15 @@ class TeacherStudentDiagnostics(pl.Callback):
             "targets": targets,
             "images": images,
             "texts": texts if texts is not None else t_texts,
-            "captions": list(self._buffer["caption"]),
+            "captions": captions,
             "indices": indices,
         }
         self.results[stage] = result
-        pl_module.log_dict(_logged(result, stage), sync_dist=False)
+        # Every rank computed the same values from the gathered items: their mean over ranks is the value.
+        pl_module.log_dict(_logged(result, stage), sync_dist=True)
+        # trainer.log_dir is a collective (a broadcast from rank 0): read it on every rank, write on rank 0.
+        self._folder = folder = Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
-            folder = Path(trainer.log_dir or trainer.default_root_dir)
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_json(folder / DIAGNOSTICS_FILE.format(stage=stage), result)
             rank_zero_info(_summary(result))
@@ -271,7 +284,7 @@ class TeacherStudentDiagnostics(pl.Callback):
     # Plots -----------------------------------------------------------------------------------
     def _plot(self, trainer: pl.Trainer, stage: str) -> None:
         last = self._last[stage]
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder = self._folder  # read at the evaluation, on every rank (this runs on rank 0 only)
         plots_dir = folder / PLOTS_DIR
         datamodule = trainer.datamodule
         paths = derived_plots(folder, stages=[stage])

@@ -31,12 +31,15 @@ class RunReport(pl.Callback):
         self.path: Path | None = None
 
     def _write(self, trainer: pl.Trainer, stage: str) -> None:
-        if not trainer.is_global_zero or trainer.sanity_checking:
+        if trainer.sanity_checking:
+            return
+        # trainer.log_dir is a collective (a broadcast from rank 0): every rank reads it, rank 0 writes.
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        if not trainer.is_global_zero:
             return
         for logger in trainer.loggers:  # metrics.csv holds every value logged so far
             logger.save()
         self.path = write_run_report(trainer.default_root_dir, self.output)
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
         retention = folder / PLOTS_DIR / "retention.png"
         if stage == "fit" and retention.is_file():
             log_plots(trainer, "val", [retention])

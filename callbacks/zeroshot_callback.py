@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from distill.data_parallel import gather_items
 from distill.datamodules.base import VisionLanguageDataModule
 from distill.files import atomic_write_json
 from distill.modules.base import VisionLanguageTask
@@ -43,6 +44,12 @@ class ZeroShotEvaluation(pl.Callback):
     out of every top-k and ID/OOD mean and kept for retrieval; undeclared ones are an error. The
     counts (items, items without a class, retrieval items, unique captions) go to the printed
     table and to ``counts`` in ``zeroshot_<stage>.json``.
+
+    Under data parallelism each rank embeds its share of the split (Lightning's
+    ``DistributedSampler``); the items are gathered once per evaluation, the sampler's padding
+    duplicates dropped by their ``index`` and put back in index order
+    (``distill.data_parallel.gather_items``), so the metrics equal a single process's; every rank
+    computes them, rank 0 writes the JSON and prints the table.
 
     Args:
         top_k: the k of top-k accuracy.
@@ -84,7 +91,7 @@ class ZeroShotEvaluation(pl.Callback):
             )
 
     def _reset(self) -> None:
-        self._buffer = {"image": [], "text": [], "label": [], "domain": []}
+        self._buffer = {"image": [], "text": [], "label": [], "domain": [], "index": []}
         self._captions = []
 
     def _collect(self, outputs: Any, batch: dict[str, Any]) -> None:
@@ -95,6 +102,8 @@ class ZeroShotEvaluation(pl.Callback):
             self._buffer["text"].append(outputs["text_embeds"].detach().float())
         self._buffer["label"].append(batch["label"])
         self._buffer["domain"].append(batch["domain"])
+        if "index" in batch:
+            self._buffer["index"].append(batch["index"])
         self._captions.extend(batch.get("caption") or [])
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: VisionLanguageTask) -> None:
@@ -133,22 +142,23 @@ class ZeroShotEvaluation(pl.Callback):
         self._evaluate(trainer, pl_module, "test")
 
     # Metrics ---------------------------------------------------------------------------------
-    def _gathered(self, pl_module: VisionLanguageTask, key: str) -> torch.Tensor | None:
-        if not self._buffer[key]:
-            return None
-        local = torch.cat(self._buffer[key])
-        if pl_module.trainer.world_size > 1:
-            local = pl_module.all_gather(local).flatten(0, 1)
-        return local
+    def _items(self, pl_module: VisionLanguageTask) -> tuple[dict[str, torch.Tensor | None], list[str] | None]:
+        """The evaluated items of every rank, once each: (image, text, label, domain) tensors and the captions.
 
-    def _gathered_captions(self, pl_module: VisionLanguageTask, count: int) -> list[str] | None:
-        """The captions in the order of the gathered tensors, or None when batches carried none."""
-        captions = self._captions
-        if pl_module.trainer.world_size > 1:
-            per_rank: list[list[str]] = [[] for _ in range(pl_module.trainer.world_size)]
-            torch.distributed.all_gather_object(per_rank, captions)
-            captions = [c for rank in per_rank for c in rank]
-        return captions if len(captions) == count else None
+        Captions are None when the batches carried none (or not one per item).
+        """
+        local = {k: torch.cat(v) if v else None for k, v in self._buffer.items() if k != "index"}
+        count = 0 if local["image"] is None else local["image"].shape[0]
+        if pl_module.trainer.world_size == 1:
+            return local, self._captions if len(self._captions) == count else None
+        if len(self._buffer["index"]) != len(self._buffer["image"]):
+            raise KeyError(
+                "ZeroShotEvaluation needs the batches' 'index' under data parallelism (to drop the "
+                "DistributedSampler's repeated items)"
+            )
+        index = torch.cat(self._buffer["index"]) if self._buffer["index"] else torch.zeros(0, dtype=torch.long)
+        _, items, lists = gather_items(index.to(pl_module.device), local, {"caption": self._captions})
+        return items, lists["caption"]
 
     def _class_bank(self, pl_module: VisionLanguageTask, datamodule: VisionLanguageDataModule) -> torch.Tensor:
         classnames, templates = datamodule.classnames, self.templates or datamodule.templates
@@ -158,10 +168,11 @@ class ZeroShotEvaluation(pl.Callback):
     @torch.no_grad()
     def _evaluate(self, trainer: pl.Trainer, pl_module: VisionLanguageTask, stage: str) -> None:
         datamodule = trainer.datamodule
-        images = self._gathered(pl_module, "image")
+        items, captions = self._items(pl_module)
+        images = items["image"]
         if images is None:
             return
-        labels, domains = self._gathered(pl_module, "label"), self._gathered(pl_module, "domain")
+        labels, domains = items["label"], items["domain"]
         results: dict[str, float] = {}
         counts = {"items": images.shape[0]}
         if datamodule.classnames:  # pairs without class names get retrieval metrics only
@@ -173,22 +184,24 @@ class ZeroShotEvaluation(pl.Callback):
                 images_l = images
             if labels.numel():
                 results.update(self._classification(pl_module, datamodule, images_l, labels, domains))
-        texts = self._gathered(pl_module, "text")
+        texts = items["text"]
         if self.retrieval and texts is not None:
-            results.update(self._retrieval(pl_module, images, texts, counts))
+            results.update(self._retrieval(images, texts, captions, counts))
 
         self.results[stage], self.counts[stage] = results, counts
-        pl_module.log_dict({f"{stage}/{k}": v for k, v in results.items()}, sync_dist=False)
+        # Every rank computed the same values from the gathered items: their mean over ranks is the value.
+        pl_module.log_dict({f"{stage}/{k}": v for k, v in results.items()}, sync_dist=True)
+        # trainer.log_dir is a collective (a broadcast from rank 0): read it on every rank, write on rank 0.
+        folder = Path(self.report_dir or trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
-            self._report(trainer, stage, results, counts)
+            self._report(trainer, folder, stage, results, counts)
 
     def _retrieval(
-        self, pl_module: VisionLanguageTask, images: torch.Tensor, texts: torch.Tensor, counts: dict[str, int]
+        self, images: torch.Tensor, texts: torch.Tensor, captions: list[str] | None, counts: dict[str, int]
     ) -> dict[str, float]:
         """Pairwise recall on the first ``retrieval_items`` pairs, and per unique caption when captions repeat."""
         images, texts = images[: self.retrieval_items], texts[: self.retrieval_items]
         results = retrieval_recall(images, texts)
-        captions = self._gathered_captions(pl_module, counts["items"])
         if captions is not None:
             captions = captions[: self.retrieval_items]
             counts["retrieval_items"], counts["unique_captions"] = len(captions), len(set(captions))
@@ -217,8 +230,9 @@ class ZeroShotEvaluation(pl.Callback):
         pl_module.train(was_training)
         return domain_accuracies(hits, domains, datamodule.domain_names, datamodule.id_domains, datamodule.ood_domains)
 
-    def _report(self, trainer: pl.Trainer, stage: str, results: dict[str, float], counts: dict[str, int]) -> None:
-        folder = Path(self.report_dir or trainer.log_dir or trainer.default_root_dir)
+    def _report(
+        self, trainer: pl.Trainer, folder: Path, stage: str, results: dict[str, float], counts: dict[str, int]
+    ) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         payload = {
             "stage": stage,

@@ -4,6 +4,7 @@ from distill.datamodules.base import ModelIO, VisionLanguageDataModule
 from distill.datamodules.image_text_datamodule import ImageTextDataModule
 from distill.datamodules.shapesworld_datamodule import ShapesWorldDataModule
 from distill.datamodules.split_file_datamodule import SplitFileDataModule
+from distill.datamodules.webdataset_datamodule import WebDatasetDataModule
 
 __all__ = [
     "ImageTextDataModule",
@@ -11,4 +12,5 @@ __all__ = [
     "ShapesWorldDataModule",
     "SplitFileDataModule",
     "VisionLanguageDataModule",
+    "WebDatasetDataModule",
 ]

@@ -9,6 +9,7 @@ module that offers no transform is an error naming the attribute, never a silent
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from distill.augment_replay import AugmentReplay
 from distill.datamodules.common import AugmentPolicy, ImageTextCollate, Views, build_augment
 from distill.datamodules.sampling import ResumableBatchSampler, ResumableLoader
 from distill.modules.base import VisionLanguageTask
@@ -36,6 +38,9 @@ class ModelIO:
         augment: PIL -> PIL augmentation of training images, before every view.
         teacher_views_in_eval: evaluation batches also carry the teacher's views (``teacher_image``,
             ``teacher_text``), for callbacks that compare teacher and student on the same images.
+        replay: a teacher cache's stored augmentations, replayed on training images (excludes
+            ``augment``); training batches then carry ``aug_id``, and the teacher's views only while
+            ``replay.needs_teacher_views`` (an online teacher still embeds some items).
     """
 
     def __init__(
@@ -47,10 +52,11 @@ class ModelIO:
         teacher_tokenizer: Callable | None = None,
         augment: Callable | None = None,
         teacher_views_in_eval: bool = False,
+        replay: AugmentReplay | None = None,
     ) -> None:
         self.train_transform, self.eval_transform, self.tokenizer = train_transform, eval_transform, tokenizer
         self.teacher_transform, self.teacher_tokenizer = teacher_transform, teacher_tokenizer
-        self.augment, self.teacher_views_in_eval = augment, teacher_views_in_eval
+        self.augment, self.teacher_views_in_eval, self.replay = augment, teacher_views_in_eval, replay
 
     @classmethod
     def from_task(
@@ -58,9 +64,13 @@ class ModelIO:
     ) -> ModelIO:
         """The transforms and tokenizers ``task`` declares (see ``VisionLanguageTask``).
 
+        A task whose ``augment_replay`` is set (a ``DistillationModule`` reading a teacher cache)
+        hands over its replay of the cache's stored augmentations.
+
         Raises:
-            TypeError: ``task`` is not a distill module.
-            ValueError: it sets no ``preprocess_train`` or ``preprocess_val``.
+            TypeError: ``task`` is not a distill module, or its ``augment_replay`` is not an ``AugmentReplay``.
+            ValueError: it sets no ``preprocess_train`` or ``preprocess_val``, or a random ``augment``
+                is asked for beside a teacher cache's replay.
         """
         if not isinstance(task, VisionLanguageTask):
             raise TypeError(f"distill datamodules feed a distill.modules.VisionLanguageTask; got {type(task).__name__}")
@@ -70,6 +80,16 @@ class ModelIO:
                 raise ValueError(
                     f"{type(task).__name__} offers no {name}: set self.{name} (PIL image -> tensor) in its __init__"
                 )
+        replay = task.augment_replay
+        if replay is not None and not isinstance(replay, AugmentReplay):
+            raise TypeError(
+                f"{type(task).__name__}.augment_replay must be an AugmentReplay, got {type(replay).__name__}"
+            )
+        if replay is not None and augment is not None:
+            raise ValueError(
+                f"the datamodule's augment policy cannot be used with a teacher cache ({type(task).__name__} "
+                "teacher_cache): the cache replays its own stored augmentations; set the datamodule's augment: none"
+            )
         return cls(
             task.preprocess_train,
             task.preprocess_val,
@@ -78,17 +98,23 @@ class ModelIO:
             task.teacher_tokenizer,
             augment,
             teacher_views_in_eval,
+            replay,
         )
+
+    def _train_teacher_views(self) -> bool:
+        """Whether training batches carry the teacher's views (not when a cache supplies every embedding)."""
+        return self.replay is None or self.replay.needs_teacher_views
 
     def views(self, split: str) -> Views:
         """The image views of a split: the model's, plus the teacher's when training (or when asked in eval)."""
         if split == "train":
-            return Views(self.train_transform, self.teacher_transform, self.augment)
+            teacher = self.teacher_transform if self._train_teacher_views() else None
+            return Views(self.train_transform, teacher, self.augment, self.replay)
         return Views(self.eval_transform, self.teacher_transform if self.teacher_views_in_eval else None)
 
     def collate(self, split: str) -> ImageTextCollate:
         """The batch collator of a split (teacher tokens when training, or when asked in eval)."""
-        with_teacher = split == "train" or self.teacher_views_in_eval
+        with_teacher = (split == "train" and self._train_teacher_views()) or self.teacher_views_in_eval
         return ImageTextCollate(self.tokenizer, self.teacher_tokenizer if with_teacher else None)
 
 
@@ -121,6 +147,7 @@ class VisionLanguageDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers, self.augment = batch_size, num_workers, augment
         self.io: ModelIO | None = None
         self._teacher_views_in_eval = False
+        self._item_keys: dict[str, list[str]] = {}
 
     # The task (implemented by subclasses) ------------------------------------------------------
     @property
@@ -172,6 +199,28 @@ class VisionLanguageDataModule(pl.LightningDataModule):
     def num_items(self, split: str) -> int:
         """Number of samples in ``split``."""
         return len(self.split_dataset(split))
+
+    def item_keys(self, split: str) -> list[str]:
+        """A stable key per item of ``split``, in dataset-index order: what a teacher cache is keyed by.
+
+        Equal keys must mean equal items (same image, same caption) on every machine, and a changed
+        item must get a new key, else a teacher cache would describe another image. The default is
+        the SHA-256 of the item's decoded pixels (mode, size, bytes) and caption: right for any
+        map-style dataset, but it reads every image once per process (kept afterwards). Subclasses
+        whose items have a cheaper identity override it (a file path with the file's size and
+        modification time, a generator's seed and index...).
+        """
+        if split not in self._item_keys:
+            keys, count, step = [], self.num_items(split), 256
+            for start in range(0, count, step):
+                for sample in self.raw_samples_at(split, range(start, min(count, start + step))):
+                    image, digest = sample["image"], hashlib.sha256()
+                    digest.update(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
+                    digest.update(image.tobytes())
+                    digest.update(str(sample.get("caption")).encode())
+                    keys.append(f"sha256:{digest.hexdigest()}")
+            self._item_keys[split] = keys
+        return list(self._item_keys[split])
 
     # Wiring to the model -----------------------------------------------------------------------
     def connect(self, source: VisionLanguageTask | ModelIO) -> None:

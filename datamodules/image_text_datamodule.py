@@ -102,14 +102,15 @@ def read_pairs_csv(
     domain_column: str = "domain",
     unlabelled_rows: UnlabelledRows = "error",
     skip_bad_images: bool = False,
+    classnames: Sequence[str] | None = None,
 ) -> PairsCsv:
     """Read and check a CSV of image-text pairs; image paths resolve against ``root``.
 
     Raises:
         FileNotFoundError: no such CSV, or image files missing under ``root``.
-        ValueError: a JSON (split) file, no data rows, rows without a class (unless
-            ``unlabelled_rows="retrieval_only"``), unreadable images (``UnreadableImageError``,
-            unless ``skip_bad_images``).
+        ValueError: a JSON (split) file, no data rows, rows with an empty caption, rows without a
+            class (unless ``unlabelled_rows="retrieval_only"``), a class not in ``classnames``
+            (when given), unreadable images (``UnreadableImageError``, unless ``skip_bad_images``).
         KeyError: the image or caption column is missing.
     """
     path = Path(path)
@@ -139,7 +140,21 @@ def read_pairs_csv(
     short = [n for r, n in zip(rows, lines) if None in r.values()]
     if short:
         raise ValueError(f"{path}: line(s) {_some(short)} have fewer cells than the header's {len(columns)} columns")
+    no_caption = [n for r, n in zip(rows, lines) if not (r[caption_column] or "").strip()]
+    if no_caption:
+        raise ValueError(
+            f"{path}: {_rows(len(no_caption))} with an empty {caption_column!r} cell, on line(s) "
+            f"{_some(no_caption)} (header = line 1): every image-text pair needs a caption"
+        )
     table = PairsCsv(path, rows, lines, has_class_column=class_column in columns)
+    if table.has_class_column and classnames is not None:
+        cells = [(n, r[class_column]) for r, n in zip(rows, lines) if r[class_column].strip()]
+        unknown = [f"line {n}: {name!r}" for n, name in cells if name not in classnames]
+        if unknown:
+            raise ValueError(
+                f"{path}: {_rows(len(unknown))} with a class not in classnames, e.g. {_some(unknown, 3)} "
+                f"(classnames: {_some(list(classnames))})"
+            )
     if table.has_class_column:
         table.unlabelled_lines = [n for r, n in zip(rows, lines) if not (r[class_column] or "").strip()]
     if table.unlabelled_lines and unlabelled_rows != "retrieval_only":
@@ -254,6 +269,8 @@ class ImageTextDataModule(VisionLanguageDataModule):
         domain_column: column with the domain name.
         ood_domains: domain names treated as out-of-distribution.
         templates: zero-shot prompt templates with one ``{}``.
+        classnames: the class list, in label order (default: the sorted class names found in the
+            CSV files); a row whose class is not in it is an error naming its CSV line and class.
         unlabelled_rows: what to do with rows whose class cell is empty while the class column
             exists: ``error`` (default: the error lists their CSV lines) or ``retrieval_only``
             (keep them with label -1: used for retrieval and label-free losses, left out of every
@@ -278,6 +295,7 @@ class ImageTextDataModule(VisionLanguageDataModule):
         domain_column: str = "domain",
         ood_domains: list[str] | None = None,
         templates: list[str] | None = None,
+        classnames: list[str] | None = None,
         unlabelled_rows: UnlabelledRows = "error",
         skip_bad_images: bool = False,
         batch_size: int = 64,
@@ -293,20 +311,23 @@ class ImageTextDataModule(VisionLanguageDataModule):
         self.csvs = {"train": train_csv, "val": val_csv, "test": test_csv}
         if not any(self.csvs.values()):
             raise ValueError("give at least one of train_csv, val_csv, test_csv")
+        if classnames is not None and (not classnames or len(set(classnames)) != len(classnames)):
+            raise ValueError(f"classnames must be a non-empty list of distinct names, got {classnames}")
         self.columns = dict(image_column=image_column, caption_column=caption_column)
         self.class_column, self.domain_column = class_column, domain_column
         self.unlabelled_rows, self.skip_bad_images = unlabelled_rows, skip_bad_images
         self.tables = {
             s: read_pairs_csv(
                 p, self.root, **self.columns, class_column=class_column, domain_column=domain_column,
-                unlabelled_rows=unlabelled_rows, skip_bad_images=skip_bad_images,
+                unlabelled_rows=unlabelled_rows, skip_bad_images=skip_bad_images, classnames=classnames,
             )
             for s, p in self.csvs.items()
             if p
         }  # fmt: skip
         self.rows = {s: t.rows for s, t in self.tables.items()}
         all_rows = [r for rows in self.rows.values() for r in rows]
-        self._classnames = sorted({r[class_column] for r in all_rows if (r.get(class_column) or "").strip()})
+        found = sorted({r[class_column] for r in all_rows if (r.get(class_column) or "").strip()})
+        self._classnames = list(classnames) if classnames is not None else found
         self._domain_names = sorted({r.get(domain_column) or "default" for r in all_rows})
         unknown = [d for d in ood_domains or [] if d not in self._domain_names]
         if unknown:
@@ -332,7 +353,7 @@ class ImageTextDataModule(VisionLanguageDataModule):
 
     @property
     def classnames(self) -> list[str]:
-        """Sorted class names found in the CSV files' class column."""
+        """The ``classnames`` given, else the sorted class names found in the CSV files' class column."""
         return self._classnames
 
     @property

@@ -380,13 +380,19 @@ def main(args: list[str] | None = None, run: bool = True) -> DistillCLI:
 def console_main() -> None:
     """Entry point of the ``distill`` console script and ``python -m distill``.
 
-    ``distill report RUN_DIR [--output FILE]`` writes a run's HTML page (``distill.report``); every
-    other subcommand is LightningCLI's.
+    ``distill report RUN_DIR [--output FILE]`` writes a run's HTML page (``distill.report``);
+    ``distill cache --data ... --teacher ... --output_dir DIR`` builds a teacher embedding cache
+    (``distill.cache_builder``); every other subcommand is LightningCLI's.
     """
     if sys.argv[1:2] == ["report"]:
         from distill.report import report_command
 
         report_command(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["cache"]:
+        from distill.cache_builder import cache_command
+
+        cache_command(sys.argv[2:])
         return
     main()
 

@@ -19,6 +19,13 @@ interactive contrastive (:class:`InteractiveContrastive`), logit KD on the class
 The similarity losses (affinity, ICL, logit KD) compute through the similarity engine
 (``distill.cuda_ext``); ``backend`` picks its implementation. NaN/inf are checked once per step,
 on the loss, by ``weighted_sum`` (see ``distill.objectives``).
+
+Data-parallel runs (``distill.data_parallel``): :class:`AffinityDistillation` and
+:class:`InteractiveContrastive` are GLOBAL terms (softmaxes over the global batch, the same value
+on every rank, gradients ready for DDP's averaging); the per-sample terms
+(:class:`FeatureDistillation`, :class:`LogitDistillation`, :class:`LabelCrossEntropy`,
+:class:`ClassTextAlignment`) stay local: DDP's average of equal local batches' means is the
+global mean. A W-process run with batch B thus trains as one process with batch W x B.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from distill.cuda_ext import infonce_loss, kd_loss
+from distill import data_parallel
+from distill.cuda_ext import kd_loss
 from distill.objectives import Objective, SimilarityObjective
 
 __all__ = [
@@ -51,7 +59,7 @@ class FeatureDistillation(Objective):
     """Feature mimicry: student embeddings regress onto the teacher's (CLIP-KD's FD).
 
     ``mse``: mean squared error over all N x D elements (``F.mse_loss``; CLIP-KD weighs it x2000);
-    ``cosine``: mean of 1 - cos(student, teacher).
+    ``cosine``: mean of 1 - cos(student, teacher). Local (a per-sample mean) under data parallelism.
 
     Args:
         weight: multiplier applied by ``weighted_sum``.
@@ -106,6 +114,7 @@ class AffinityDistillation(SimilarityObjective):
     mean of KL(teacher || student) over image->text rows and text->image rows. With
     ``temperature`` set, both sides use ``1 / temperature`` instead of their logit scales.
     Equals open_clip's ``DistillClipLoss`` distillation term up to the teacher's entropy.
+    Global under data parallelism: rows and columns span the global batch.
 
     Args:
         weight: multiplier applied by ``weighted_sum``.
@@ -132,7 +141,7 @@ class AffinityDistillation(SimilarityObjective):
         else:
             s_scale = t_scale = 1.0 / self.temperature
         t_img, t_txt = t_img.to(s_img.dtype), t_txt.to(s_img.dtype)
-        return kd_loss(s_img, s_txt, t_img, t_txt, s_scale, t_scale, kind="kl", **self._engine())
+        return data_parallel.kd(s_img, s_txt, t_img, t_txt, s_scale, t_scale, kind="kl", backend=self.backend)
 
 
 class InteractiveContrastive(SimilarityObjective):
@@ -140,7 +149,8 @@ class InteractiveContrastive(SimilarityObjective):
 
     InfoNCE between student image embeddings and teacher caption embeddings, so the student
     lands in the teacher's space; for dual-tower students also teacher images against student
-    texts, averaged. Uses the teacher's logit scale unless ``temperature`` is given.
+    texts, averaged. Uses the teacher's logit scale unless ``temperature`` is given. Global
+    under data parallelism: the negatives are the global batch's.
 
     Args:
         weight: multiplier applied by ``weighted_sum``.
@@ -158,7 +168,7 @@ class InteractiveContrastive(SimilarityObjective):
         self.temperature = temperature
 
     def _info_nce(self, a: torch.Tensor, b: torch.Tensor, scale) -> torch.Tensor:
-        return infonce_loss(a, b.to(a.dtype), scale, **self._engine())
+        return data_parallel.infonce(a, b.to(a.dtype), scale, backend=self.backend)
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         scale = 1.0 / self.temperature if self.temperature else self._get(outputs, "teacher_logit_scale")
@@ -176,6 +186,7 @@ class LogitDistillation(SimilarityObjective):
     Student logits ``s_t * S_img @ bank.T``, teacher logits ``s_t * T_img @ bank.T`` with
     the teacher's logit scale ``s_t`` and class bank (C, D). It reads no labels, so items without
     a class (label -1) take part like the others: the teacher's soft prediction is their target.
+    Local (a per-image mean) under data parallelism.
 
     Args:
         weight: multiplier applied by ``weighted_sum``.
@@ -211,7 +222,8 @@ class LabelCrossEntropy(Objective):
 
     Logits ``s_t * S_img @ bank.T``; the classifier is the teacher's text class bank, so a
     student trained on labels alone is evaluated exactly like the distilled ones. Items without
-    a class (label -1) are left out of the mean; a batch with none labelled gives 0.
+    a class (label -1) are left out of the mean; a batch with none labelled gives 0. Local (a
+    per-sample mean over this process's labelled items) under data parallelism.
 
     Args:
         weight: multiplier applied by ``weighted_sum``.

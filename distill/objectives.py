@@ -5,11 +5,17 @@ dict (L2-normalised ``image_embeds``/``text_embeds`` of shape (N, D), an
 already-exponentiated scalar ``logit_scale`` and, depending on the loss,
 ``logit_bias`` or ``target_similarity``) and returns the unweighted scalar
 loss. ``weighted_sum`` combines several objectives using their ``weight`` and
-returns per-objective values keyed by ``name`` for logging. Plain PyTorch,
-single process (no cross-device feature gathering). InfoNCE and SigLIP compute
-through the similarity engine (``distill.cuda_ext``); their ``backend`` picks
-the implementation (``auto``: tiled/CUDA for large batches, the plain formula
-for small ones), with results equal within float tolerance.
+returns per-objective values keyed by ``name`` for logging. Plain PyTorch.
+InfoNCE and SigLIP compute through the similarity engine (``distill.cuda_ext``);
+their ``backend`` picks the implementation (``auto``: tiled/CUDA for large
+batches, the plain formula for small ones), with results equal within float
+tolerance.
+
+Data-parallel runs (Lightning DDP/FSDP, ``torch.distributed`` with W > 1): every
+objective here is a GLOBAL term. It returns the loss of the global batch (all
+ranks' rows; the same value on every rank) with gradients ready for DDP's
+averaging (see ``distill.data_parallel``), so a W-process run with batch B
+trains as one process with batch W x B. With one process nothing changes.
 
 NaN/inf are checked once per step, on the loss, by ``weighted_sum``: a non-finite input makes
 the loss non-finite, and that one check (a single host sync for all terms) names the first
@@ -28,7 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.cuda_ext import check_backend, infonce_loss, siglip_loss
+from distill import data_parallel
+from distill.cuda_ext import check_backend
 
 __all__ = [
     "DCL",
@@ -65,7 +72,7 @@ def _check_pair(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> None:
 
 
 class Objective(nn.Module):
-    """Base class: holds ``weight`` and ``name`` and builds similarity logits.
+    """Base class: holds ``weight`` and ``name`` and reads the validated embedding pair.
 
     Args:
         weight: Multiplier applied by ``weighted_sum``; ``forward`` is unweighted.
@@ -86,11 +93,6 @@ class Objective(nn.Module):
             msg = f"{type(self).__name__} needs outputs['{key}']"
             raise KeyError(f"{msg}; {hint}" if hint else f"{msg}; got keys {sorted(outputs)}")
         return outputs[key]
-
-    def _logits(self, outputs: Mapping[str, torch.Tensor], max_logit_scale: float | None) -> torch.Tensor:
-        """Return (N, N) logits ``scale * image_embeds @ text_embeds.T``."""
-        img, txt, scale = self._pair_and_scale(outputs, max_logit_scale)
-        return scale * img @ txt.T
 
     def _pair_and_scale(
         self, outputs: Mapping[str, torch.Tensor], max_logit_scale: float | None
@@ -122,7 +124,10 @@ class SimilarityObjective(Objective):
         self.backend = check_backend(backend)
 
     def _engine(self) -> dict[str, Any]:
-        """Keyword arguments of the engine's ops (no NaN/inf input check: see the module docstring)."""
+        """Keyword arguments of the engine's ops (no NaN/inf input check: see the module docstring).
+
+        For the local (per-sample) terms; the global ones go through ``distill.data_parallel``.
+        """
         return {"backend": self.backend, "check_finite": False}
 
 
@@ -137,7 +142,8 @@ class InfoNCE(SimilarityObjective):
 
     logits = min(logit_scale, max_logit_scale) * image_embeds @ text_embeds.T,
     shape (N, N), positives on the diagonal; the loss is the mean of the
-    image->text and text->image cross entropies.
+    image->text and text->image cross entropies. Global under data parallelism:
+    N is the global batch.
 
     Args:
         weight: Multiplier applied by ``weighted_sum``.
@@ -156,7 +162,7 @@ class InfoNCE(SimilarityObjective):
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         img, txt, scale = self._pair_and_scale(outputs, self.max_logit_scale)
-        return infonce_loss(img, txt, scale, **self._engine())
+        return data_parallel.infonce(img, txt, scale, backend=self.backend)
 
 
 class SigLIP(SimilarityObjective):
@@ -164,7 +170,8 @@ class SigLIP(SimilarityObjective):
 
     logits = logit_scale * image_embeds @ text_embeds.T + logit_bias, shape
     (N, N); labels are +1 on the diagonal and -1 elsewhere; the loss is
-    -sum(logsigmoid(labels * logits)) / N. The scale is not clamped.
+    -sum(logsigmoid(labels * logits)) / N. The scale is not clamped. Global
+    under data parallelism: N is the global batch.
 
     Args:
         weight: Multiplier applied by ``weighted_sum``.
@@ -183,7 +190,7 @@ class SigLIP(SimilarityObjective):
         bias = torch.as_tensor(bias, dtype=img.dtype, device=img.device)
         if bias.numel() != 1:
             raise ValueError(f"logit_bias must be a scalar, got shape {tuple(bias.shape)}")
-        return siglip_loss(img, txt, scale, bias.reshape(()), **self._engine())
+        return data_parallel.siglip(img, txt, scale, bias.reshape(()), backend=self.backend)
 
 
 class DCL(Objective):
@@ -191,7 +198,8 @@ class DCL(Objective):
 
     For logits L of shape (N, N) (scale clamped as in InfoNCE), row i gives
     -L[i, i] + logsumexp_{j != i} L[i, j]; the loss averages this over rows of
-    L (image->text) and of L.T (text->image). Needs N >= 2.
+    L (image->text) and of L.T (text->image). Needs N >= 2. Global under data
+    parallelism: N is the global batch.
 
     Args:
         weight: Multiplier applied by ``weighted_sum``.
@@ -206,17 +214,18 @@ class DCL(Objective):
         self.max_logit_scale = _check_max_scale(max_logit_scale)
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self._logits(outputs, self.max_logit_scale)
-        n = logits.shape[0]
-        if n < 2:
-            raise ValueError(f"DCL needs at least 2 pairs per batch (negatives), got N={n}")
-        eye = torch.eye(n, dtype=torch.bool, device=logits.device)
-        pos = logits.diagonal()
+        img, txt, scale = self._pair_and_scale(outputs, self.max_logit_scale)
+        if img.shape[0] < 2 and data_parallel.world_size() == 1:
+            raise ValueError(f"DCL needs at least 2 pairs per batch (negatives), got N={img.shape[0]}")
 
-        def one_way(lg: torch.Tensor) -> torch.Tensor:
-            return (lg.masked_fill(eye, float("-inf")).logsumexp(dim=1) - pos).mean()
+        def one_way(a: torch.Tensor, b: torch.Tensor, offset: int, direction: str) -> torch.Tensor:
+            logits = scale * a @ b.T  # (n, N): these rows against every column, positives at (i, offset + i)
+            rows = torch.arange(a.shape[0], device=a.device)
+            positive = torch.zeros_like(logits, dtype=torch.bool)
+            positive[rows, rows + offset] = True
+            return (logits.masked_fill(positive, float("-inf")).logsumexp(dim=1) - logits[rows, rows + offset]).mean()
 
-        return (one_way(logits) + one_way(logits.T)) / 2
+        return data_parallel.global_rows(img, txt, one_way)
 
 
 class SoftTargetContrastive(Objective):
@@ -226,7 +235,9 @@ class SoftTargetContrastive(Objective):
     logits L as in InfoNCE, the targets are P = softmax(S / target_temperature)
     row-wise for image->text and softmax(S.T / target_temperature) row-wise for
     text->image. Each direction's loss is -sum_j P[i, j] * log_softmax(L)[i, j]
-    averaged over rows; the loss is the mean of the two directions.
+    averaged over rows; the loss is the mean of the two directions. Global under
+    data parallelism: each rank passes the rows of S for its own items against the
+    global batch, (N_r, N) (``ContrastiveModule`` does), and N is the global batch.
 
     Args:
         weight: Multiplier applied by ``weighted_sum``.
@@ -251,18 +262,28 @@ class SoftTargetContrastive(Objective):
         self.max_logit_scale = _check_max_scale(max_logit_scale)
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self._logits(outputs, self.max_logit_scale)
+        img, txt, scale = self._pair_and_scale(outputs, self.max_logit_scale)
         sim = self._get(outputs, "target_similarity").detach()
-        if sim.shape != logits.shape:
+        n = img.shape[0]
+        if sim.dim() != 2 or sim.shape[0] != n:
+            raise ValueError(f"target_similarity has shape {tuple(sim.shape)} but the batch needs ({n}, N)")
+        full = data_parallel.gather_rows(sim)  # (N, N): every rank's rows
+        if full.shape[1] != full.shape[0]:
             raise ValueError(
-                f"target_similarity has shape {tuple(sim.shape)} but the batch needs {tuple(logits.shape)}"
+                f"target_similarity has shape {tuple(sim.shape)} but the batch needs {(n, full.shape[0])} "
+                "(this process's items against the global batch)"
             )
-        sim = sim.to(dtype=logits.dtype) / self.target_temperature
+        full = full.to(dtype=img.dtype) / self.target_temperature
 
-        def one_way(lg: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-            return -(s.softmax(dim=1) * lg.log_softmax(dim=1)).sum(dim=1).mean()
+        def one_way(a: torch.Tensor, b: torch.Tensor, offset: int, direction: str) -> torch.Tensor:
+            # image rows take S's rows as targets, text rows S's columns (S.T's rows)
+            targets = (
+                full[offset : offset + a.shape[0]] if direction == "i2t" else full[:, offset : offset + a.shape[0]].T
+            )
+            logits = scale * a @ b.T
+            return -(targets.softmax(dim=1) * logits.log_softmax(dim=1)).sum(dim=1).mean()
 
-        return (one_way(logits, sim) + one_way(logits.T, sim.T)) / 2
+        return data_parallel.global_rows(img, txt, one_way)
 
 
 def weighted_sum(
@@ -280,8 +301,8 @@ def weighted_sum(
 
     Raises:
         ValueError: if ``objectives`` is empty or two share a name.
-        FloatingPointError: if a term is NaN or inf, naming the first such objective and the
-            non-finite tensors of ``outputs``.
+        FloatingPointError: if a term is NaN or inf (on any rank, under data parallelism), naming
+            the first such objective and the non-finite tensors of ``outputs``.
     """
     if len(objectives) == 0:
         raise ValueError("weighted_sum needs at least one objective")
@@ -299,8 +320,12 @@ def weighted_sum(
     # engine skip theirs (check_finite=False), since a non-finite input gives a non-finite loss.
     # A finite weight times a non-finite loss is non-finite (0 * inf is nan) and so is any sum
     # holding one, so checking the total checks every term; which term and which input failed
-    # is worked out only on the error path.
-    if not bool(torch.isfinite(total).all()):
+    # is worked out only on the error path. Under data parallelism the ranks agree first (a local
+    # term may be non-finite on one rank only): all raise, none is left waiting in a collective.
+    finite = torch.isfinite(total).all()
+    if not data_parallel.all_ranks_true(finite):
+        if bool(finite):
+            raise FloatingPointError("a loss term is nan or inf on another process (its own error names it)")
         raise _non_finite_error(losses, outputs)
     return total, {name: loss.detach() for name, loss in losses.items()}
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import distill
+from distill.teacher_cache import TeacherCache
 from distill.teachers import Teacher
 
 __all__ = ["git_commit", "git_dirty", "model_fingerprint", "run_info", "teacher_fingerprint"]
@@ -117,8 +118,9 @@ def run_info(module: nn.Module) -> dict[str, Any]:
     Keys: ``git_commit`` and ``git_dirty`` (of the git checkout holding the distill package, else
     the working directory; None outside one), ``distill_version``, ``torch_version``,
     ``lightning_version``, ``command`` (``sys.argv``), ``hostname``, ``started`` (ISO 8601, local
-    time with offset) and ``teacher`` (:func:`teacher_fingerprint` of ``module.teacher``, when the
-    module has a teacher).
+    time with offset), ``teacher`` (:func:`teacher_fingerprint` of ``module.teacher``, when the
+    module has a teacher) and ``teacher_cache`` (folder, build id and the fingerprint of the teacher
+    that built it, when the module reads a ``distill.teacher_cache.TeacherCache``).
     """
     commit, dirty = None, None
     for folder in (Path(distill.__file__).resolve().parent, Path.cwd()):
@@ -139,4 +141,11 @@ def run_info(module: nn.Module) -> dict[str, Any]:
     teacher = getattr(module, "teacher", None)
     if isinstance(teacher, Teacher):
         info["teacher"] = teacher_fingerprint(teacher)
+    cache = getattr(module, "embedding_cache", None)
+    if isinstance(cache, TeacherCache):
+        info["teacher_cache"] = {
+            "folder": str(cache.folder),
+            "build_id": cache.manifest["build_id"],
+            "teacher": cache.fingerprint,
+        }
     return info

@@ -29,6 +29,7 @@ from torch import nn
 
 import distill
 from distill import CHECKPOINT_MARKER
+from distill.augment_replay import AugmentReplay
 from distill.zeroshot import build_class_bank
 
 
@@ -61,6 +62,8 @@ class VisionLanguageTask(pl.LightningModule):
         self.teacher_tokenizer: Callable[[list[str]], torch.Tensor] | None = None
         #: The frozen teacher (``distill.teachers.Teacher``), None when the module has none.
         self.teacher: nn.Module | None = None
+        #: A teacher cache's stored augmentations, replayed by the datamodule on training images (else None).
+        self.augment_replay: AugmentReplay | None = None
 
     # Encoders ------------------------------------------------------------------------------
     @property

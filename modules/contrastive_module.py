@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from distill.clip_models import build_clip, save_local_dir
+from distill.data_parallel import gather_rows
 from distill.modules.base import VisionLanguageTask
 from distill.objectives import InfoNCE, SigLIP, SoftTargetContrastive, weighted_sum
 from distill.teachers import OPEN_CLIP_CKPT_KEY
@@ -23,6 +24,9 @@ class ContrastiveModule(VisionLanguageTask):
     local pretrained weights) or from an open_clip model config (a dict in the YAML or a JSON
     file). Checkpoints carry the open_clip config, so ``Teacher(checkpoint=...)`` loads them;
     ``export_dir`` also receives a plain open_clip ``local-dir`` folder at the end of fit.
+
+    Under data parallelism (``--trainer.strategy=ddp``) the contrastive objectives see the global
+    batch (``distill.data_parallel``): W processes with batch B train as one with batch W x B.
 
     Args:
         model_name: open_clip model name, e.g. ``ViT-B-32`` or ``RN50``.
@@ -113,8 +117,10 @@ class ContrastiveModule(VisionLanguageTask):
         if getattr(self.model, "logit_bias", None) is not None:
             outputs["logit_bias"] = self.model.logit_bias
         if self._needs_target_similarity:
-            # CWCL-style soft targets: how alike the captions are, by the text tower itself.
-            outputs["target_similarity"] = (outputs["text_embeds"] @ outputs["text_embeds"].T).detach()
+            # CWCL-style soft targets: how alike the captions are, by the text tower itself; this
+            # process's captions against the global batch's, (N_r, N) (N_r = N on one process).
+            texts = outputs["text_embeds"].detach()
+            outputs["target_similarity"] = texts @ gather_rows(texts).T
         return outputs
 
     # Steps -----------------------------------------------------------------------------------

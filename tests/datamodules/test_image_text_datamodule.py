@@ -175,3 +175,21 @@ def test_a_json_split_file_or_an_empty_csv_says_what_is_expected(folder):
     (folder / "empty.csv").write_text("filepath,caption\n")
     with pytest.raises(ValueError, match="empty.csv: no rows; ImageTextDataModule expects a CSV file with a header"):
         ImageTextDataModule(root=str(folder), val_csv=str(folder / "empty.csv"))
+
+
+def test_an_empty_caption_is_an_error_naming_file_and_lines(folder):
+    _edit_csv(folder / "train.csv", lambda rows: [rows[i].update(caption=" ") for i in (1, 6)])  # lines 3 and 8
+    with pytest.raises(ValueError, match=r"train.csv: 2 rows with an empty 'caption' cell, on line\(s\) 3, 8 "):
+        ImageTextDataModule(root=str(folder), train_csv=str(folder / "train.csv"))
+
+
+def test_classnames_fix_the_label_order_and_refuse_other_classes(folder):
+    names = sw.class_names("shape")  # ShapesWorld's label order, not sorted
+    dm = ImageTextDataModule(root=str(folder), train_csv=str(folder / "train.csv"), classnames=names)
+    rows = list(csv.DictReader((folder / "train.csv").read_text().splitlines()))
+    assert dm.classnames == names and dm.split_dataset("train").labels == [int(r["label"]) for r in rows]
+    _edit_csv(folder / "train.csv", lambda rows: rows[4].update(classname="blob"))  # CSV line 6
+    with pytest.raises(ValueError, match=r"train.csv: 1 row with a class not in classnames, e.g. line 6: 'blob'"):
+        ImageTextDataModule(root=str(folder), train_csv=str(folder / "train.csv"), classnames=names)
+    with pytest.raises(ValueError, match="classnames must be a non-empty list of distinct names"):
+        ImageTextDataModule(root=str(folder), train_csv=str(folder / "train.csv"), classnames=["a", "a"])
