@@ -9,8 +9,9 @@ it sends in a spend ledger beside the cache and refuses a build that would excee
 
 For each budget fraction f the budget pays for f x N training items: K augmented views and the
 caption of each, plus the class bank prompts. The teacher cache is built for those items
-(``distill.cache_builder.build_teacher_cache``; the spend must equal the budget to the unit, and a
-second build of the same cache must cost nothing), then a student is distilled from the cache
+(``distill.cache_builder.build_teacher_cache``; the spend read back from the ledger is reported: a
+little under the budget, since repeated captions are answered from memory for free; a second
+build of the same cache must cost nothing), then a student is distilled from the cache
 alone (``DistillationModule(teacher=None, teacher_cache=...)``) for the same number of steps at
 every budget, with VL2V-ADiP (feature and class-text alignment first, then labels + logit KD +
 features) and, at 100 %, plain distillation without the alignment stage. ID and OOD top-1 on the
