@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +174,7 @@ class BlackBoxTeacher:
 
     # ----------------------------------------------------------------- identity and budget
 
-    def fingerprint(self) -> dict:
+    def fingerprint(self) -> dict[str, Any]:
         """JSON-able identity for the cache key: type, name, version, query target and ``embed_dim``."""
         target = {"query": self.query} if self.query is not None else {"command": self.command}
         return {"type": "blackbox", "name": self.name, "version": self.version, "embed_dim": self.embed_dim, **target}
@@ -244,14 +244,14 @@ class BlackBoxTeacher:
 
     # ----------------------------------------------------------------- encoding
 
-    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
         """Embeddings of PIL images: (N, D) float32, L2-normalised, row i for image i."""
         for i, image in enumerate(images):
             if not isinstance(image, Image.Image):
                 raise TypeError(f"encode_images: item {i} is a {type(image).__name__}, not a PIL image")
         return self._encode("image", list(images))
 
-    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """Embeddings of texts: (M, D) float32, L2-normalised, row i for text i."""
         for i, text in enumerate(texts):
             if not isinstance(text, str):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distill.blackbox import BlackBoxTeacher, BudgetExceededError
-from distill.cache_builder import SPEND_LEDGER, build_teacher_cache
+from distill.cache_builder import SPEND_LEDGER, build_teacher_cache, cache_command
 from distill.callbacks import ZeroShotEvaluation
 from distill.datamodules import ShapesWorldDataModule
 from distill.kd_objectives import ClassTextAlignment, FeatureDistillation, LabelCrossEntropy, LogitDistillation
@@ -100,3 +100,26 @@ def test_vl2v_adip_trains_from_the_black_box_cache_without_a_teacher(tmp_path, p
     assert 0 <= zero_shot.results["val"]["id_top1"] <= 1  # classified with the cached class bank
     assert len(_queries(provider_log)) == queried  # training queried the black box no more
     assert torch.isfinite(torch.stack([p.detach().sum() for p in module.student.parameters()])).all()
+
+
+def test_the_cache_command_takes_a_black_box_teacher_and_stops_over_budget(tmp_path, provider_log, capsys):
+    config = tmp_path / "cache.yaml"
+    teacher = {"name": "fixture", "version": "1", "embed_dim": 8, "query": f"{FIXTURE}:embed", "budget": 10}
+    config.write_text(
+        json.dumps(  # JSON is YAML
+            {
+                "data": {"class_path": "ShapesWorldDataModule", "init_args": {"num_train": 4, "image_size": 32}},
+                "teacher": {"class_path": "distill.blackbox.BlackBoxTeacher", "init_args": teacher},
+                "output_dir": str(tmp_path / "cache"),
+                "num_augmentations": 2,
+                "progress": False,
+            }
+        )
+    )
+    with pytest.raises(SystemExit) as stop:
+        cache_command(["--config", str(config)])
+    assert stop.value.code == 2 and _queries(provider_log) == []
+    err = capsys.readouterr().err
+    assert "the budget is 10" in err and "Nothing was queried" in err
+    folder = cache_command(["--config", str(config), "--teacher.init_args.budget", "1000"])
+    assert (folder / SPEND_LEDGER).is_file() and TeacherCache(folder).num_augmentations == 2
