@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from distill.modules.base import VisionLanguageTask
 
@@ -27,9 +28,10 @@ class TeacherFrozenCheck(pl.Callback):
         self._checksums: dict[str, float] = {}
 
     @staticmethod
-    def _teacher(pl_module: pl.LightningModule) -> torch.nn.Module:
-        if not isinstance(pl_module, VisionLanguageTask) or pl_module.teacher is None:
-            raise ValueError(f"TeacherFrozenCheck: {type(pl_module).__name__} has no teacher to check")
+    def _teacher(pl_module: pl.LightningModule) -> torch.nn.Module | None:
+        """The module's teacher; None for a distill module that runs without one (from a teacher cache)."""
+        if not isinstance(pl_module, VisionLanguageTask):
+            raise ValueError(f"TeacherFrozenCheck: {type(pl_module).__name__} is not a distill module")
         return pl_module.teacher
 
     @staticmethod
@@ -39,6 +41,8 @@ class TeacherFrozenCheck(pl.Callback):
 
     def _check(self, pl_module: pl.LightningModule, where: str, weights: bool) -> None:
         teacher = self._teacher(pl_module)
+        if teacher is None:  # nothing to guard: the teacher's embeddings come from a cache
+            return
         if any(m.training for m in teacher.modules()):
             raise RuntimeError(f"teacher is in training mode ({where}); it must stay in eval mode")
         trainable = [n for n, p in teacher.named_parameters() if p.requires_grad]
@@ -51,7 +55,11 @@ class TeacherFrozenCheck(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check(pl_module, "fit start", weights=False)
-        self._checksums = self._sums(self._teacher(pl_module))
+        teacher = self._teacher(pl_module)
+        if teacher is None:
+            rank_zero_info(f"TeacherFrozenCheck: {type(pl_module).__name__} runs without a teacher; nothing to check")
+            return
+        self._checksums = self._sums(teacher)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

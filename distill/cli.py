@@ -55,6 +55,7 @@ from distill.export.command import Gates, Quantisation, run_export
 from distill.files import atomic_write_json, check_writable_dir
 from distill.modules import VisionLanguageTask
 from distill.run_info import run_info
+from distill.teacher_cache import CacheError
 
 # Errors a user's config or files cause (bad model name, missing file, unknown domain...):
 # reported as one line before any training starts, not as a traceback.
@@ -289,6 +290,8 @@ class DistillCLI(LightningCLI):
             kept = last_checkpoint(self.trainer.default_root_dir)
             note = f"; the last good checkpoint is {kept}" if kept.is_file() else "; no checkpoint was written before"
             raise fail(f"{err} at step {self.trainer.global_step}{note}") from err
+        except CacheError as err:  # a teacher cache that does not fit this run: found in setup, before training
+            raise fail(err) from err
 
     # A W&B run ends with its command (an agent, a test or a notebook may run the next one in this process).
     def after_fit(self) -> None:
