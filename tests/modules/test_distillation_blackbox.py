@@ -123,3 +123,32 @@ def test_the_cache_command_takes_a_black_box_teacher_and_stops_over_budget(tmp_p
     assert "the budget is 10" in err and "Nothing was queried" in err
     folder = cache_command(["--config", str(config), "--teacher.init_args.budget", "1000"])
     assert (folder / SPEND_LEDGER).is_file() and TeacherCache(folder).num_augmentations == 2
+
+
+def test_distill_fit_names_the_missing_items_in_one_line(tmp_path, provider_log, capsys):
+    from distill.cli import main
+
+    folder = build_teacher_cache(_data(), _teacher(budget=None), str(tmp_path / "cache"), **BUILD)
+    queried = len(_queries(provider_log))
+    args = [
+        "fit",
+        "--model=DistillationModule",
+        "--model.init_args.teacher=null",
+        f"--model.init_args.teacher_cache={folder}",
+        "--model.init_args.student=distill.students.TimmStudent",
+        "--model.init_args.student.model_name=resnet10t",
+        "--model.init_args.student.image_size=32",
+        "--data=ShapesWorldDataModule",
+        "--data.init_args.num_train=16",  # 4 more items than the cache holds
+        "--data.init_args.image_size=32",
+        "--data.init_args.batch_size=4",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+        "--trainer.max_steps=1",
+        "--trainer.accelerator=cpu",
+    ]
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"distill: error: {folder}: 4 of 16 training items are not in the teacher cache")
+    assert len(_queries(provider_log)) == queried  # a fit never queries the black box
