@@ -56,6 +56,7 @@ from distill.files import atomic_write_json, check_writable_dir
 from distill.modules import VisionLanguageTask
 from distill.run_info import run_info
 from distill.teacher_cache import CacheError
+from distill.teachers import Teacher
 
 # Errors a user's config or files cause (bad model name, missing file, unknown domain...):
 # reported as one line before any training starts, not as a traceback.
@@ -130,7 +131,9 @@ class DistillSaveConfig(SaveConfigCallback):
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
-        info = run_info(pl_module)
+        teacher = pl_module.teacher if isinstance(pl_module, VisionLanguageTask) else None
+        cache = pl_module.embedding_cache if isinstance(pl_module, VisionLanguageTask) else None
+        info = run_info(teacher if isinstance(teacher, Teacher) else None, cache)
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
             if isinstance(logger, WandbLogger):

@@ -112,15 +112,15 @@ def teacher_fingerprint(teacher: Teacher) -> dict[str, Any]:
     return json.loads(json.dumps(info, default=str))  # tuples -> lists: equal to the dict read back from JSON
 
 
-def run_info(module: nn.Module) -> dict[str, Any]:
+def run_info(teacher: Teacher | None = None, cache: TeacherCache | None = None) -> dict[str, Any]:
     """The record of a run: code version, command, host, start time and (when there is one) the teacher.
 
     Keys: ``git_commit`` and ``git_dirty`` (of the git checkout holding the distill package, else
     the working directory; None outside one), ``distill_version``, ``torch_version``,
     ``lightning_version``, ``command`` (``sys.argv``), ``hostname``, ``started`` (ISO 8601, local
-    time with offset), ``teacher`` (:func:`teacher_fingerprint` of ``module.teacher``, when the
-    module has a teacher) and ``teacher_cache`` (folder, build id and the fingerprint of the teacher
-    that built it, when the module reads a ``distill.teacher_cache.TeacherCache``).
+    time with offset), ``teacher`` (:func:`teacher_fingerprint` of ``teacher``, when given) and
+    ``teacher_cache`` (folder, build id and the fingerprint of the teacher that built it, when the
+    run reads a ``distill.teacher_cache.TeacherCache``).
     """
     commit, dirty = None, None
     for folder in (Path(distill.__file__).resolve().parent, Path.cwd()):
@@ -138,11 +138,9 @@ def run_info(module: nn.Module) -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "started": datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds"),
     }
-    teacher = getattr(module, "teacher", None)
-    if isinstance(teacher, Teacher):
+    if teacher is not None:
         info["teacher"] = teacher_fingerprint(teacher)
-    cache = getattr(module, "embedding_cache", None)
-    if isinstance(cache, TeacherCache):
+    if cache is not None:
         info["teacher_cache"] = {
             "folder": str(cache.folder),
             "build_id": cache.manifest["build_id"],

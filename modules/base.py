@@ -30,6 +30,7 @@ from torch import nn
 import distill
 from distill import CHECKPOINT_MARKER
 from distill.augment_replay import AugmentReplay
+from distill.teacher_cache import TeacherCache
 from distill.zeroshot import build_class_bank
 
 
@@ -64,6 +65,8 @@ class VisionLanguageTask(pl.LightningModule):
         self.teacher: nn.Module | None = None
         #: A teacher cache's stored augmentations, replayed by the datamodule on training images (else None).
         self.augment_replay: AugmentReplay | None = None
+        #: The teacher embedding cache the module reads (``distill cache``), else None.
+        self.embedding_cache: TeacherCache | None = None
 
     # Encoders ------------------------------------------------------------------------------
     @property
